@@ -1,0 +1,122 @@
+"""Small tensor kernels behind spred: factor gradients, penalties, sparsity counts.
+
+Every function here is pure (no module state) so it can be tested against a direct formula and used
+outside the callback.
+
+The factorisation is ``w = u * v`` where ``u`` has the weight's shape and ``v`` broadcasts to it.
+When ``v`` has the weight's shape the penalty is the plain L1 norm; when ``v`` holds one entry per
+index of a dimension (shape ``1`` everywhere else) the penalty is the group lasso over that dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "factor_gradients",
+    "group_norms",
+    "penalty",
+    "scale_shape",
+    "sparsity",
+    "threshold",
+]
+
+
+def scale_shape(weight_shape: torch.Size, dim: Optional[int]) -> torch.Size:
+    """Shape of the factor ``v`` for a weight of ``weight_shape``.
+
+    Args:
+        weight_shape: shape of the penalised weight.
+        dim: ``None`` for elementwise L1; otherwise the dimension whose indices form the groups
+            (``1`` for the input columns of a ``Linear``, ``0`` for output rows or conv channels).
+
+    Example:
+        >>> scale_shape(torch.Size([3, 5]), dim=1)
+        torch.Size([1, 5])
+        >>> scale_shape(torch.Size([3, 5]), dim=None)
+        torch.Size([3, 5])
+    """
+    if dim is None:
+        return weight_shape
+    shape = [1] * len(weight_shape)
+    shape[dim] = weight_shape[dim]
+    return torch.Size(shape)
+
+
+def factor_gradients(weight_grad: Optional[Tensor], u: Tensor, v: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """Gradients of ``loss(u * v) + lam / 2 * (|u|^2 + |v|^2)`` with respect to ``u`` and ``v``.
+
+    Args:
+        weight_grad: gradient of the loss with respect to ``w = u * v`` (``None`` means zero).
+        u: factor with the weight's shape.
+        v: factor that broadcasts to the weight's shape.
+        lam: the L1 coefficient.
+
+    Returns:
+        ``(grad_u, grad_v)`` with the shapes of ``u`` and ``v``.
+
+    Example:
+        >>> u, v = torch.tensor([2.0]), torch.tensor([3.0])
+        >>> factor_gradients(torch.tensor([1.0]), u, v, lam=0.5)
+        (tensor([4.]), tensor([3.5000]))
+    """
+    grad_u = u * lam
+    grad_v = v * lam
+    if weight_grad is not None:
+        grad_u.addcmul_(weight_grad, v)
+        chain_v = weight_grad * u
+        if chain_v.shape != v.shape:
+            dims = [d for d, size in enumerate(v.shape) if size == 1 and chain_v.shape[d] != 1]
+            chain_v = chain_v.sum(dim=dims, keepdim=True)
+        grad_v.add_(chain_v)
+    return grad_u, grad_v
+
+
+def group_norms(weight: Tensor, dim: Optional[int]) -> Tensor:
+    """Euclidean norm of each group of ``weight`` (absolute values when ``dim`` is ``None``).
+
+    Example:
+        >>> group_norms(torch.tensor([[3.0, 0.0], [4.0, 0.0]]), dim=1)
+        tensor([5., 0.])
+    """
+    if dim is None:
+        return weight.abs()
+    other = [d for d in range(weight.ndim) if d != dim]
+    return torch.linalg.vector_norm(weight, dim=other)
+
+
+def penalty(weight: Tensor, lam: float, dim: Optional[int] = None) -> Tensor:
+    """The penalty spred minimises: ``lam * sum|w|``, or ``lam * sum_g ||w_g||_2`` for groups along ``dim``.
+
+    Example:
+        >>> penalty(torch.tensor([[3.0, -1.0], [4.0, 0.0]]), lam=0.1)
+        tensor(0.8000)
+        >>> penalty(torch.tensor([[3.0, -1.0], [4.0, 0.0]]), lam=0.1, dim=1)
+        tensor(0.6000)
+    """
+    return lam * group_norms(weight, dim).sum()
+
+
+def threshold(weight: Tensor, value: float) -> Tensor:
+    """A copy of ``weight`` with every entry of magnitude ``<= value`` set to exactly zero.
+
+    Example:
+        >>> threshold(torch.tensor([1e-9, -0.5, 2e-7]), 1e-6)
+        tensor([ 0.0000, -0.5000,  0.0000])
+    """
+    return torch.where(weight.abs() <= value, torch.zeros_like(weight), weight)
+
+
+def sparsity(weight: Tensor, value: float = 0.0) -> Tensor:
+    """Fraction of entries of ``weight`` with magnitude ``<= value``, a number in ``[0, 1]``.
+
+    Example:
+        >>> sparsity(torch.tensor([0.0, 1e-9, 0.3, -2.0]), 1e-6)
+        tensor(0.5000)
+    """
+    if weight.numel() == 0:
+        return torch.zeros((), device=weight.device)
+    return (weight.abs() <= value).float().mean()

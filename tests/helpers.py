@@ -1,0 +1,107 @@
+"""Small models, data and a quiet Trainer shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from sklearn.datasets import load_diabetes
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def quiet_trainer(**kwargs: Any) -> Trainer:
+    """A Trainer that prints and writes nothing unless asked to."""
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+class Regression(LightningModule):
+    """A linear model without intercept trained with MSE, the Lasso's data term (times two)."""
+
+    def __init__(self, features: int, optimizer: str = "sgd", lr: float = 0.1, steps: int = 1000) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, 1, bias=False)
+        self.optimizer, self.lr, self.steps = optimizer, lr, steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(-1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        elif self.optimizer == "plain_sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class MLP(LightningModule):
+    """A small classifier with biases and a norm layer, trained with Adam."""
+
+    def __init__(self, features: int = 8, hidden: int = 16, classes: int = 3, optimizer: Callable | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
+        self.make_optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.make_optimizer(self.parameters())
+
+
+def classification_data(n: int = 64, features: int = 8, classes: int = 3, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    y = (x[:, :classes].argmax(dim=1)).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def standardise(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    y = (y - y.mean()) / y.std()
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def diabetes() -> tuple[np.ndarray, np.ndarray]:
+    return standardise(*load_diabetes(return_X_y=True))
+
+
+def wide_sparse_problem(n: int = 100, p: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """More features than samples, ten of them informative."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, p))
+    w = np.zeros(p)
+    w[:10] = rng.choice([-2.0, 2.0], 10) * rng.uniform(0.5, 1.0, 10)
+    return standardise(x, x @ w + 0.5 * rng.standard_normal(n))
+
+
+def full_batch(x: np.ndarray, y: np.ndarray) -> DataLoader:
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    return DataLoader(dataset, batch_size=len(dataset))
