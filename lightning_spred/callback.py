@@ -245,7 +245,8 @@ def _to_factor_gradients(factorizations: list[Factorization]) -> Any:
     # and clipping all happen inside `optimizer.step`: convert once the closure has run. Without one (AMP's
     # `scaler.step`, plain PyTorch) the gradients are final already.
     def hook(optimizer: Optimizer, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        closure = kwargs.get("closure", args[0] if args else None)
+        # `args` starts with the optimizer itself: `step(self, closure=None)`.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
             convert()
             return None
@@ -257,7 +258,7 @@ def _to_factor_gradients(factorizations: list[Factorization]) -> Any:
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_then_convert}
-        return (closure_then_convert, *args[1:]), kwargs
+        return (args[0], closure_then_convert, *args[2:]), kwargs
 
     return hook
 

@@ -49,6 +49,7 @@ class Factorization:
     dim: Optional[int]
     threshold: float
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+    _grad_buffers: Optional[tuple[Tensor, Tensor]] = field(default=None, repr=False)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -90,9 +91,10 @@ class Factorization:
 
     def accumulate_factor_gradients(self) -> None:
         """Turn ``w.grad`` into the gradients of ``u`` and ``v`` (with the decay) and clear ``w.grad``."""
-        weight = self.weight
-        grad_u, grad_v = factor_gradients(weight.grad, self.u.detach(), self.v.detach(), self.lam)
-        self.u.grad, self.v.grad = grad_u, grad_v
+        weight, u, v = self.weight, self.u, self.v
+        if self._grad_buffers is None or self._grad_buffers[0].device != u.device:
+            self._grad_buffers = (torch.empty_like(u), torch.empty_like(v))
+        u.grad, v.grad = factor_gradients(weight.grad, u.detach(), v.detach(), self.lam, out=self._grad_buffers)
         weight.grad = None
 
     def sparse_weight(self, value: Optional[float] = None) -> Tensor:

@@ -1,0 +1,125 @@
+"""Step-time overhead of SpredCallback against plain training, naive L1 and proximal SGD, side by side.
+
+Each variant trains the same model on the same random batches inside a Lightning Trainer on the CPU.
+Variants run in interleaved rounds (plain, spred, naive, prox, plain, ...) so that machine noise hits
+them alike; the figure of a variant is the median step time over its rounds, and only ratios to plain
+training in the same run are reported.
+
+    python benchmarks/step_time.py            # MLP 784-1024-1024-10 @128 and a small CNN @32
+    python benchmarks/step_time.py --steps 30 --rounds 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spred import SpredCallback
+
+LAM = 1e-4
+LR = 0.01
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
+def penalised(net: nn.Module) -> list[nn.Parameter]:
+    return [m.weight for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+class Classifier(LightningModule):
+    """SGD with momentum; ``penalty`` is ``"none"``, ``"naive"`` (lam*sum|w| in the loss) or ``"prox"``."""
+
+    def __init__(self, net: nn.Module, penalty: str = "none") -> None:
+        super().__init__()
+        self.net, self.penalty = net, penalty
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        if self.penalty == "naive":
+            loss = loss + LAM * sum(w.abs().sum() for w in penalised(self.net))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
+        if self.penalty == "prox":
+            weights = penalised(self.net)
+
+            @torch.no_grad()
+            def soft_threshold(*_: Any) -> None:
+                for w in weights:
+                    w.copy_(w.sign() * (w.abs() - LR * LAM).clamp_min(0))
+
+            optimizer.register_step_post_hook(soft_threshold)
+        return optimizer
+
+
+class StepTimer(Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self._start = warmup, [], 0.0
+
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def median_step(make_net: Callable[[], nn.Module], shape: tuple, batch: int, variant: str, steps: int) -> float:
+    torch.manual_seed(0)
+    x, y = torch.randn(batch * 8, *shape), torch.randint(0, 10, (batch * 8,))
+    data = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+    timer = StepTimer(warmup=5)
+    callbacks: list[Callback] = [timer] + ([SpredCallback(LAM, verbose=False)] if variant == "spred" else [])
+    trainer = Trainer(
+        accelerator="cpu", max_steps=steps + 5, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Classifier(make_net(), "none" if variant == "spred" else variant), data)
+    return statistics.median(timer.times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    variants = ["none", "spred", "naive", "prox"]
+    cases = {"MLP 784-1024-1024-10, batch 128": (mlp, (784,), 128), "small CNN, batch 32": (cnn, (1, 28, 28), 32)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
+    print(f"{'model':34} {'spred / plain':>14} {'naive L1 / plain':>17} {'prox SGD / plain':>17}")
+    for label, (make_net, shape, batch) in cases.items():
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for variant in variants:
+                times[variant].append(median_step(make_net, shape, batch, variant, args.steps))
+        median = {v: statistics.median(t) for v, t in times.items()}
+        ratios = [median[v] / median["none"] for v in ("spred", "naive", "prox")]
+        print(f"{label:34} {ratios[0]:>13.2f}x {ratios[1]:>16.2f}x {ratios[2]:>16.2f}x")
+
+
+if __name__ == "__main__":
+    main()

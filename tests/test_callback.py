@@ -1,0 +1,240 @@
+"""SpredCallback's life cycle: factorise at fit start, exact steps, merge back to the user's plain model."""
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import MLP, classification_data, quiet_trainer
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+
+from lightning_spred import SpredCallback
+from lightning_spred.callback import _check_strategy
+
+
+def plain_snapshot(model: nn.Module) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same_model(model: nn.Module, snapshot: dict) -> None:
+    assert [n for n, _ in model.named_parameters()] == list(snapshot)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), snapshot[name]), name
+
+
+def test_setup_keeps_function_and_checkpoint_keys():
+    model = MLP()
+    x = torch.randn(5, 8)
+    before, keys = model(x), list(model.state_dict())
+    callback = SpredCallback(0.1, verbose=False)
+    callback.setup(quiet_trainer(), model, "fit")
+    names = [n for n, _ in model.named_parameters()]
+    assert "net.0.weight__spred_u" in names and "net.3.weight__spred_v" in names
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert list(model.state_dict()) == keys
+    callback.teardown(quiet_trainer(), model, "fit")
+    assert [n for n, _ in model.named_parameters()] == [k for k in keys]
+
+
+def test_one_sgd_step_is_the_factorised_gradient_step():
+    model = MLP(optimizer=lambda params: torch.optim.SGD(params, lr=0.5))
+    data = classification_data(n=16, batch_size=16)
+    reference = copy.deepcopy(model)
+    lam, lr = 0.05, 0.5
+
+    quiet_trainer(max_steps=1, callbacks=[SpredCallback(lam, threshold=0.0, verbose=False)]).fit(model, data)
+
+    x, y = next(iter(data))
+    nn.functional.cross_entropy(reference(x), y).backward()
+    for name in ("net.0.weight", "net.3.weight"):
+        w = reference.get_parameter(name)
+        u, v = w.detach(), torch.ones_like(w)
+        u_next = u - lr * (w.grad * v + lam * u)
+        v_next = v - lr * (w.grad * u + lam * v)
+        torch.testing.assert_close(model.get_parameter(name), u_next * v_next)
+    bias = reference.get_parameter("net.0.bias")
+    torch.testing.assert_close(model.get_parameter("net.0.bias"), bias - lr * bias.grad)
+
+
+def test_fit_returns_the_plain_model_with_exact_zeros():
+    model = MLP()
+    modules_before = {n: type(m) for n, m in model.named_modules()}
+    params_before = {n: p for n, p in model.named_parameters()}
+    callback = SpredCallback(0.05, threshold=1e-3, verbose=False)
+    quiet_trainer(max_epochs=30, callbacks=[callback]).fit(model, classification_data())
+
+    assert {n: type(m) for n, m in model.named_modules()} == modules_before
+    assert dict(model.named_parameters()).keys() == params_before.keys()
+    for name, p in model.named_parameters():
+        assert type(p) is nn.Parameter and p is params_before[name]  # same objects: ties and references survive
+    assert callback.factorizations == []
+    first = model.net[0].weight
+    assert (first == 0).any() and (first != 0).any()
+    assert ((first == 0) | (first.abs() > 1e-3)).all()  # nothing left between zero and the threshold
+    fresh = MLP()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_tied_weights_stay_one_weight():
+    class Tied(MLP):
+        def __init__(self):
+            super().__init__(features=8, hidden=8, classes=8)
+            self.net[3].weight = self.net[0].weight
+
+    model = Tied()
+    start = model.net[0].weight.detach().clone()
+    quiet_trainer(max_steps=5, callbacks=[SpredCallback(0.01, verbose=False)]).fit(model, classification_data(classes=8))
+    assert model.net[3].weight is model.net[0].weight
+    assert not torch.equal(model.net[0].weight.detach(), start)
+
+
+def test_other_stages_are_not_touched():
+    class Watch(MLP):
+        def validation_step(self, batch, batch_idx):
+            self.names = [n for n, _ in self.named_parameters()]
+
+        def test_step(self, batch, batch_idx):
+            self.validation_step(batch, batch_idx)
+
+    model = Watch()
+    snapshot = plain_snapshot(model)
+    trainer = quiet_trainer(callbacks=[SpredCallback(0.1, verbose=False)])
+    for run in (trainer.validate, trainer.test):
+        run(model, classification_data())
+        assert model.names == list(snapshot)
+    assert_same_model(model, snapshot)
+
+
+def test_same_callback_fits_twice():
+    model = MLP()
+    callback = SpredCallback(0.01, verbose=False)
+    quiet_trainer(max_steps=3, callbacks=[callback]).fit(model, classification_data())
+    after_first = plain_snapshot(model)
+    quiet_trainer(max_steps=3, callbacks=[callback]).fit(model, classification_data())
+    assert list(plain_snapshot(model)) == list(after_first)
+    assert not torch.equal(model.net[0].weight.detach(), after_first["net.0.weight"])
+
+
+def test_subclass_can_choose_parameters():
+    class OnlyFirst(SpredCallback):
+        def select_parameters(self, pl_module):
+            return [t for t in super().select_parameters(pl_module) if t.path.startswith("net.0")]
+
+    model, callback = MLP(), OnlyFirst(0.1, verbose=False)
+    callback.setup(quiet_trainer(), model, "fit")
+    assert [f.path for f in callback.factorizations] == ["net.0.weight"]
+    callback.teardown(quiet_trainer(), model, "fit")
+
+
+@pytest.mark.parametrize("lam", [-1.0, math.nan, math.inf, -0.0 - 1e-9])
+def test_bad_lam_value(lam):
+    with pytest.raises(ValueError, match="`lam` must be a finite number >= 0"):
+        SpredCallback(lam)
+
+
+@pytest.mark.parametrize("lam", ["0.1", None, True, [0.1]])
+def test_bad_lam_type(lam):
+    with pytest.raises(TypeError, match="`lam` must be a real number such as 1e-4"):
+        SpredCallback(lam)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="`threshold` must be a finite number"):
+        SpredCallback(0.1, threshold=-1)
+    with pytest.raises(TypeError, match="`modules` must hold nn.Module subclasses"):
+        SpredCallback(0.1, modules=["Linear"])
+    with pytest.raises(ValueError, match="either `select` or `include`"):
+        SpredCallback(0.1, include=["*"], select=lambda *a: True)
+    with pytest.raises(ValueError, match=r"lam_overrides\['x'\]"):
+        SpredCallback(0.1, lam_overrides={"x": -2})
+
+
+class NoLinear(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def training_step(self, batch, batch_idx):
+        return (batch[0] * self.scale).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_nothing_to_penalise_is_an_error_before_training():
+    model = NoLinear()
+    snapshot = plain_snapshot(model)
+    with pytest.raises(ValueError, match="found nothing to penalise.*include="):
+        quiet_trainer(max_steps=1, callbacks=[SpredCallback(0.1)]).fit(model, classification_data())
+    assert_same_model(model, snapshot)
+
+
+def test_parametrised_weight_is_an_error_and_model_untouched():
+    model = MLP()
+    torch.nn.utils.parametrize.register_parametrization(model.net[3], "weight", nn.Identity())
+    snapshot = plain_snapshot(model)
+    with pytest.raises(ValueError, match="already parametrised"):
+        quiet_trainer(max_steps=1, callbacks=[SpredCallback(0.1)]).fit(model, classification_data())
+    assert_same_model(model, snapshot)
+
+
+def test_factors_outside_the_optimizer_is_an_error_and_model_untouched():
+    model = MLP(optimizer=lambda params: torch.optim.SGD([p for p in params if p.ndim == 1], lr=0.1))
+    snapshot = plain_snapshot(model)
+    with pytest.raises(ValueError, match="must all be in one optimizer.*self.parameters"):
+        quiet_trainer(max_steps=1, callbacks=[SpredCallback(0.1)]).fit(model, classification_data())
+    assert_same_model(model, snapshot)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "message"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-3), "effective L1 coefficient is lam \\+ weight_decay"),
+        (lambda p: torch.optim.AdamW(p, lr=0.1), "decoupled weight decay"),
+    ],
+)
+def test_weight_decay_on_factors_warns(optimizer, message):
+    with pytest.warns(UserWarning, match=message):
+        quiet_trainer(max_steps=1, callbacks=[SpredCallback(0.1, verbose=False)]).fit(
+            MLP(optimizer=optimizer), classification_data()
+        )
+
+
+def test_lbfgs_is_refused():
+    model = MLP(optimizer=lambda p: torch.optim.LBFGS(p))
+    with pytest.raises(ValueError, match="LBFGS re-evaluates"):
+        quiet_trainer(max_steps=1, callbacks=[SpredCallback(0.1)]).fit(model, classification_data())
+
+
+def test_sharded_strategies_are_refused():
+    class FakeTrainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)
+
+    with pytest.raises(ValueError, match="not FSDPStrategy.*strategy='ddp'"):
+        _check_strategy(FakeTrainer())
+
+
+class Crash(MLP):
+    def __init__(self, error: BaseException, at_step: int = 3):
+        super().__init__()
+        self.error, self.at_step = error, at_step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.at_step:
+            raise self.error
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()], ids=["exception", "interrupt"])
+def test_crash_leaves_a_plain_finite_model(error):
+    model = Crash(error)
+    names = [n for n, _ in model.named_parameters()]
+    start = model.net[0].weight.detach().clone()
+    expected = SystemExit if isinstance(error, KeyboardInterrupt) else RuntimeError  # Lightning exits on Ctrl+C
+    with pytest.raises(expected):
+        quiet_trainer(max_steps=10, callbacks=[SpredCallback(0.01, verbose=False)]).fit(model, classification_data())
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.net[0].weight.detach(), start)  # the three steps taken are kept
