@@ -178,6 +178,17 @@ class SpredCallback(Callback):
         # Lightning skips `teardown` when fit raises or is interrupted: merge here so the user keeps a plain model.
         self._merge()
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        written_with_spred = self.state_key in checkpoint.get("callbacks", {})
+        if self._factorizations and not written_with_spred and "optimizer_states" in checkpoint:
+            self._merge(threshold=0.0)
+            raise ValueError(
+                "This checkpoint was written without SpredCallback: its optimizer state has no entries for the"
+                " spred factors, so training cannot resume from it. To fine-tune a dense model into a sparse one,"
+                " load its weights (`model = MyModel.load_from_checkpoint(path)`) and call `trainer.fit(model)`"
+                " without `ckpt_path`."
+            )
+
     def state_dict(self) -> dict[str, Any]:
         return {"factors": {f.path: {"u": f.u.detach().clone(), "v": f.v.detach().clone()} for f in self._factorizations}}
 

@@ -56,6 +56,7 @@ class MLP(LightningModule):
 
     def __init__(self, features: int = 8, hidden: int = 16, classes: int = 3, optimizer: Callable | None = None) -> None:
         super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
         self.net = nn.Sequential(
             nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.ReLU(), nn.Linear(hidden, classes)
         )
