@@ -1,0 +1,46 @@
+"""DDP on the CPU (gloo, two real processes) against one process with the same global batches."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_run.py")
+
+
+def run(strategy: str, out: Path) -> list[dict]:
+    out.mkdir()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--strategy", strategy, "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(path) for path in sorted(out.glob("rank*.pt"))]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    (result,) = run("single", tmp_path_factory.mktemp("single") / "out")
+    return result
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ranks_agree_with_one_process(strategy, single, tmp_path):
+    ranks = run(strategy, tmp_path / "out")
+    assert len(ranks) == 2
+    for rank in ranks:
+        assert rank["names"] == single["names"]  # plain model, no factors left on any rank
+        assert list(rank["state"]) == list(single["state"])
+        for key, value in rank["state"].items():
+            assert torch.equal(value, ranks[0]["state"][key]), f"ranks differ on {key}"
+            torch.testing.assert_close(value, single["state"][key], atol=1e-4, rtol=0, msg=key)
+        assert rank["metrics"] == ranks[0]["metrics"]
+        # DDP all-reduces the weights' gradients only, as for the plain model: the factors are left out
+        assert rank["not_reduced"] == sorted(f"net.{i}.weight__spred_{f}" for i in (0, 3) for f in "uv")
+    weight = ranks[0]["state"]["net.0.weight"]
+    assert (weight == 0).any() and (weight != 0).any()
