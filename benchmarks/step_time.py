@@ -7,6 +7,7 @@ training in the same run are reported.
 
     python benchmarks/step_time.py            # MLP 784-1024-1024-10 @128 and a small CNN @32
     python benchmarks/step_time.py --steps 30 --rounds 1   # quick look
+    python benchmarks/step_time.py --logger                # every variant logs to a CSVLogger
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import tempfile
 import time
 import warnings
 from typing import Any, Callable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -85,17 +88,20 @@ class StepTimer(Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def median_step(make_net: Callable[[], nn.Module], shape: tuple, batch: int, variant: str, steps: int) -> float:
+def median_step(
+    make_net: Callable[[], nn.Module], shape: tuple, batch: int, variant: str, steps: int, logger: bool
+) -> float:
     torch.manual_seed(0)
     x, y = torch.randn(batch * 8, *shape), torch.randint(0, 10, (batch * 8,))
     data = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
     timer = StepTimer(warmup=5)
     callbacks: list[Callback] = [timer] + ([SpredCallback(LAM, verbose=False)] if variant == "spred" else [])
-    trainer = Trainer(
-        accelerator="cpu", max_steps=steps + 5, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(Classifier(make_net(), "none" if variant == "spred" else variant), data)
+    with tempfile.TemporaryDirectory() as log_dir:
+        trainer = Trainer(
+            accelerator="cpu", max_steps=steps + 5, callbacks=callbacks, logger=CSVLogger(log_dir) if logger else False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(Classifier(make_net(), "none" if variant == "spred" else variant), data)
     return statistics.median(timer.times)
 
 
@@ -103,19 +109,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant")
+    parser.add_argument("--logger", action="store_true", help="attach a CSVLogger to every variant")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     variants = ["none", "spred", "naive", "prox"]
     cases = {"MLP 784-1024-1024-10, batch 128": (mlp, (784,), 128), "small CNN, batch 32": (cnn, (1, 28, 28), 32)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
+    logged = "with a CSVLogger" if args.logger else "without a logger"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, {logged}")
     print(f"{'model':34} {'spred / plain':>14} {'naive L1 / plain':>17} {'prox SGD / plain':>17}")
     for label, (make_net, shape, batch) in cases.items():
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):
             for variant in variants:
-                times[variant].append(median_step(make_net, shape, batch, variant, args.steps))
+                times[variant].append(median_step(make_net, shape, batch, variant, args.steps, args.logger))
         median = {v: statistics.median(t) for v, t in times.items()}
         ratios = [median[v] / median["none"] for v in ("spred", "naive", "prox")]
         print(f"{label:34} {ratios[0]:>13.2f}x {ratios[1]:>16.2f}x {ratios[2]:>16.2f}x")

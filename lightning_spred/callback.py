@@ -9,14 +9,18 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import LBFGS, AdamW, Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_spred.factorization import Factorization, factorize, merge
+from lightning_spred.functional import penalty
+from lightning_spred.report import SparsityReport, sparsity_report
 from lightning_spred.selection import DEFAULT_MODULES, GroupDim, SelectFn, Target, select_parameters
+from lightning_spred.wandb_views import log_layer_views, write_summary
 
 __all__ = ["SpredCallback"]
 
@@ -45,6 +49,13 @@ class SpredCallback(Callback):
     weight while fitting, as ``<name>__spred_u`` and ``<name>__spred_v``. Checkpoints never hold them:
     every checkpoint has the plain model's keys (loadable with strict loading into the model without
     this callback) and the exact factors are kept in this callback's own state for resuming.
+
+    What it logs, through ``LightningModule.log`` so every logger gets it, at the trainer's
+    ``log_every_n_steps`` and at each training epoch's end: ``spred/sparsity`` (all penalised weights, also
+    in the progress bar), ``spred/sparsity/<name>`` per weight, ``spred/nonzeros`` and ``spred/penalty``
+    (``lam * sum|w|``). With a ``WandbLogger`` it also logs a per-layer sparsity bar chart and histograms of
+    ``log10|w|`` at each epoch's end, and the final sparsity and compression in the run summary. When
+    fitting ends, a per-layer table is printed (rank zero) and kept: see :meth:`report`.
 
     Args:
         lam: the L1 coefficient (``>= 0``).
@@ -104,11 +115,22 @@ class SpredCallback(Callback):
         self._optimizer_hooks: list[RemovableHandle] = []
         self._ddp_ignore_before: Optional[list[str]] = None
         self._ddp_root: Optional[nn.Module] = None
+        self._report: Optional[SparsityReport] = None
 
     @property
     def factorizations(self) -> list[Factorization]:
         """The weights factorised in the current fit (empty outside ``fit``)."""
         return list(self._factorizations)
+
+    def report(self) -> SparsityReport:
+        """Per-layer parameters, nonzeros, sparsity and compression of the model the last fit returned.
+
+        Raises:
+            RuntimeError: no fit with this callback has ended yet.
+        """
+        if self._report is None:
+            raise RuntimeError("No fit with this SpredCallback has ended yet: call `trainer.fit` first.")
+        return self._report
 
     # ----------------------------------------------------------------------------------------------
     # Overridable choices
@@ -129,6 +151,24 @@ class SpredCallback(Callback):
             lam_overrides=self.lam_overrides,
             groups=self.groups,
         )
+
+    def compute_metrics(self) -> dict[str, Tensor]:
+        """The values logged during training; override to add or change them.
+
+        Computed from the current weights ``u * v`` with the callback's threshold, on this process (every
+        rank holds the same weights under DDP, so no synchronisation is needed).
+        """
+        metrics: dict[str, Tensor] = {}
+        zeros, total, value = 0, 0, 0
+        for f in self._factorizations:
+            weight = f.weight.detach()
+            layer_zeros = (weight.abs() <= f.threshold).sum()
+            metrics[f"spred/sparsity/{f.path}"] = layer_zeros / weight.numel()
+            zeros, total, value = zeros + layer_zeros, total + weight.numel(), value + penalty(weight, f.lam, f.dim)
+        metrics["spred/nonzeros"] = torch.as_tensor(total - zeros, dtype=torch.float32)
+        metrics["spred/penalty"] = torch.as_tensor(value, dtype=torch.float32)
+        metrics["spred/sparsity"] = torch.as_tensor(zeros / total, dtype=torch.float32)
+        return metrics
 
     # ----------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -170,9 +210,31 @@ class SpredCallback(Callback):
                 optimizer.register_step_post_hook(_refresh_weights(factorizations)),
             ]
 
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Computed only when Lightning will write to the loggers (as LearningRateMonitor does), to keep steps cheap.
+        if self._factorizations and trainer._logger_connector.should_update_logs:
+            self._log(pl_module, on_step=True)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._factorizations:
+            return
+        self._log(pl_module, on_step=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                weights = [(f.path, f.sparse_weight()) for f in self._factorizations]
+                log_layer_views(logger.experiment, sparsity_report(weights), weights, trainer.global_step)
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._merge()
+        if stage != "fit" or not self._factorizations:
+            return
+        self._merge()
+        if self.verbose:
+            rank_zero_info(f"SpredCallback: sparsity of the penalised weights\n{self.report()}")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                write_summary(logger.experiment, self.report())
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning skips `teardown` when fit raises or is interrupted: merge here so the user keeps a plain model.
@@ -218,8 +280,15 @@ class SpredCallback(Callback):
             return
         for f in self._factorizations:
             merge(f, threshold)
+        self._report = sparsity_report((f.path, f.weight) for f in self._factorizations)
         self._factorizations.clear()
         self._restore_ddp_ignore()
+
+    def _log(self, pl_module: LightningModule, on_step: bool) -> None:
+        metrics = self.compute_metrics()
+        sparsity = metrics.pop("spred/sparsity")
+        pl_module.log("spred/sparsity", sparsity, prog_bar=True, on_step=on_step, on_epoch=not on_step)
+        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step)
 
     def _ignore_factors_in_ddp(self, pl_module: LightningModule) -> None:
         # The factors take no part in the forward pass: DDP must neither all-reduce nor wait for their gradients.

@@ -19,6 +19,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import MLP, classification_data  # noqa: E402
 
 from lightning_spred import SpredCallback  # noqa: E402
+from lightning_spred.metrics import Sparsity  # noqa: E402
+
+
+def rank_tensor(rank: int) -> torch.Tensor:
+    """A different tensor on every rank: 10 * (rank + 1) entries, every (rank + 2)-th one zero."""
+    return (torch.arange(10 * (rank + 1)) % (rank + 2) != 0).float()
 
 
 class SaveRankResult(Callback):
@@ -31,11 +37,17 @@ class SaveRankResult(Callback):
         # what DDP leaves out of its gradient all-reduce
         self.not_reduced = sorted(getattr(trainer.strategy.model, "parameters_to_ignore", []))
 
+    def on_train_end(self, trainer, pl_module):
+        metric = Sparsity()
+        metric.update(rank_tensor(trainer.global_rank))
+        self.metric_sparsity = float(metric.compute())  # synchronised over the ranks
+
     def teardown(self, trainer, pl_module, stage):
         state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         names = [n for n, _ in pl_module.named_parameters()]
         result = {"state": state, "metrics": metrics, "names": names, "not_reduced": self.not_reduced}
+        result["metric_sparsity"] = self.metric_sparsity
         torch.save(result, self.out / f"rank{trainer.global_rank}.pt")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_run import rank_tensor
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
@@ -39,7 +40,10 @@ def test_ranks_agree_with_one_process(strategy, single, tmp_path):
         for key, value in rank["state"].items():
             assert torch.equal(value, ranks[0]["state"][key]), f"ranks differ on {key}"
             torch.testing.assert_close(value, single["state"][key], atol=1e-4, rtol=0, msg=key)
-        assert rank["metrics"] == ranks[0]["metrics"]
+        assert rank["metrics"] == ranks[0]["metrics"]  # logged sparsity, nonzeros, penalty: the same on every rank
+        assert "spred/sparsity" in rank["metrics"] and "spred/sparsity/net.0.weight" in rank["metrics"]
+        both = torch.cat([rank_tensor(0), rank_tensor(1)])
+        assert rank["metric_sparsity"] == pytest.approx((both == 0).float().mean().item())  # torchmetrics synced
         # DDP all-reduces the weights' gradients only, as for the plain model: the factors are left out
         assert rank["not_reduced"] == sorted(f"net.{i}.weight__spred_{f}" for i in (0, 3) for f in "uv")
     weight = ranks[0]["state"]["net.0.weight"]

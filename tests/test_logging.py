@@ -1,0 +1,116 @@
+"""Sparsity you can watch: logged metrics, the torchmetrics metric, W&B views and the final report."""
+
+import csv
+import logging
+import math
+
+import pytest
+import torch
+from helpers import MLP, classification_data, quiet_trainer
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch import nn
+from wandb_records import history_and_summary
+
+from lightning_spred import SpredCallback
+from lightning_spred.metrics import Sparsity
+
+LAYERS = ("net.0.weight", "net.3.weight")
+
+
+def fit_logged(tmp_path, loggers, epochs=20, verbose=False):
+    callback = SpredCallback(0.05, threshold=1e-3, verbose=verbose)
+    model = MLP()
+    trainer = quiet_trainer(max_epochs=epochs, log_every_n_steps=2, callbacks=[callback], logger=loggers)
+    trainer.fit(model, classification_data())
+    return model, callback, trainer
+
+
+def direct_count(model):
+    weights = [model.get_parameter(name) for name in LAYERS]
+    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+
+
+def test_csv_logger_gets_every_metric_per_layer(tmp_path):
+    model, callback, trainer = fit_logged(tmp_path, CSVLogger(tmp_path))
+    with open(trainer.logger.log_dir + "/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    columns = set(rows[0])
+    expected = {"spred/sparsity", "spred/nonzeros", "spred/penalty", *(f"spred/sparsity/{name}" for name in LAYERS)}
+    assert expected <= columns
+    sparsities = [float(r[c]) for r in rows for c in columns if c.startswith("spred/sparsity") and r[c]]
+    assert sparsities and all(0.0 <= s <= 1.0 for s in sparsities)
+    step_rows = [r for r in rows if r["spred/sparsity"]]
+    assert len(step_rows) >= 20 * 4 // 2  # every log_every_n_steps=2 of 80 steps, plus epoch ends
+    # the value logged at the last epoch's end is the sparsity of the model that leaves fit
+    zeros, total = direct_count(model)
+    assert float(step_rows[-1]["spred/sparsity"]) == pytest.approx(zeros / total)
+    assert 0 < zeros < total
+    assert float(step_rows[-1]["spred/nonzeros"]) == total - zeros
+    penalty = 0.05 * sum(model.get_parameter(name).abs().sum().item() for name in LAYERS)
+    assert float(step_rows[-1]["spred/penalty"]) == pytest.approx(penalty, rel=1e-3)
+    assert "spred/sparsity" in trainer.progress_bar_metrics
+
+
+def test_report_equals_a_direct_count_and_is_printed_once(tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        model, callback, _ = fit_logged(tmp_path, False, verbose=True)
+    report = callback.report()
+    assert [layer.name for layer in report.layers] == list(LAYERS)
+    for layer in report.layers:
+        weight = model.get_parameter(layer.name)
+        assert layer.parameters == weight.numel()
+        assert layer.nonzeros == int((weight != 0).sum())
+        assert layer.compression == pytest.approx(weight.numel() / layer.nonzeros)
+    zeros, total = direct_count(model)
+    assert report.total.sparsity == pytest.approx(zeros / total)
+    printed = [r.getMessage() for r in caplog.records if "sparsity of the penalised weights" in r.getMessage()]
+    assert len(printed) == 1 and "total" in printed[0]
+
+
+def test_report_before_any_fit_is_an_error():
+    with pytest.raises(RuntimeError, match="call `trainer.fit` first"):
+        SpredCallback(0.1).report()
+
+
+def test_sparsity_metric_agrees_with_a_direct_count():
+    torch.manual_seed(0)
+    tensors = [torch.randn(5, 7).masked_fill(torch.rand(5, 7) < 0.4, 0.0), torch.zeros(3), torch.randn(4)]
+    metric = Sparsity()
+    for tensor in tensors:
+        metric.update(tensor)
+    flat = torch.cat([t.flatten() for t in tensors])
+    assert metric.compute().item() == pytest.approx((flat == 0).float().mean().item())
+    layer = nn.Linear(3, 3)
+    metric.reset()
+    metric.update(layer)
+    assert metric.compute().item() == 0.0
+    with pytest.raises(ValueError, match="`threshold` must be a number >= 0"):
+        Sparsity(threshold=-1)
+
+
+def test_wandb_offline_run_holds_the_views_and_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lightning-spred-tests")
+    model, callback, _ = fit_logged(tmp_path, logger, epochs=5)
+    run_dir = __import__("pathlib").Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+    history, summary = history_and_summary(run_dir)
+
+    keys = set().union(*history)
+    assert "spred/sparsity" in keys and all(f"spred/sparsity/{n}" in keys for n in LAYERS)
+    assert any(k.startswith("spred/layer_sparsity_table") for k in keys)  # the bar chart's table
+    for name in LAYERS:
+        assert f"spred/log10_abs_weight/{name}/_type" in keys
+    histogram_rows = [row for row in history if f"spred/log10_abs_weight/{LAYERS[0]}/values" in row]
+    assert len(histogram_rows) == 5  # one per epoch
+    assert sum(histogram_rows[-1][f"spred/log10_abs_weight/{LAYERS[0]}/values"]) == int(
+        (model.get_parameter(LAYERS[0]) != 0).sum()
+    )
+
+    report = callback.report()
+    assert summary["spred/final/sparsity"] == pytest.approx(report.total.sparsity)
+    assert summary["spred/final/nonzeros"] == report.total.nonzeros
+    assert summary["spred/final/compression"] == pytest.approx(report.total.compression) or math.isinf(
+        report.total.compression
+    )
+    assert summary[f"spred/final/sparsity/{LAYERS[1]}"] == pytest.approx(report.layers[1].sparsity)
