@@ -17,7 +17,8 @@ from torch.optim import LBFGS, AdamW, Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_spred.factorization import Factorization, factorize, merge
-from lightning_spred.functional import penalty
+from lightning_spred.functional import group_norms, penalty
+from lightning_spred.groups import FeatureSelection, selected_features
 from lightning_spred.report import SparsityReport, sparsity_report
 from lightning_spred.selection import DEFAULT_MODULES, GroupDim, SelectFn, Target, select_parameters
 from lightning_spred.wandb_views import log_layer_views, write_summary
@@ -59,8 +60,8 @@ class SpredCallback(Callback):
 
     Args:
         lam: the L1 coefficient (``>= 0``).
-        threshold: entries with ``|w| <= threshold`` are exact zeros in the merged model, in checkpoints
-            and in the logged sparsity. Zeroed weights decay towards 0 exponentially (about ``2 * lr * lam``
+        threshold: entries with ``|w| <= threshold`` (for grouped weights: whole groups with
+            ``||w_g|| <= threshold``) are exact zeros in the merged model, in checkpoints and in the logged sparsity. Zeroed weights decay towards 0 exponentially (about ``2 * lr * lam``
             per step) but never reach it exactly; raise the threshold for short or noisy runs.
         modules: module types whose ``weight`` is penalised.
         include: name patterns (shell-style, ``*`` matches dots) of further parameters to penalise,
@@ -116,6 +117,7 @@ class SpredCallback(Callback):
         self._ddp_ignore_before: Optional[list[str]] = None
         self._ddp_root: Optional[nn.Module] = None
         self._report: Optional[SparsityReport] = None
+        self._grouped: dict[str, tuple[nn.Parameter, int]] = {}
 
     @property
     def factorizations(self) -> list[Factorization]:
@@ -131,6 +133,27 @@ class SpredCallback(Callback):
         if self._report is None:
             raise RuntimeError("No fit with this SpredCallback has ended yet: call `trainer.fit` first.")
         return self._report
+
+    def selected_features(self, parameter: Optional[str] = None, names: Optional[Sequence[str]] = None) -> FeatureSelection:
+        """The groups (input features, neurons, channels) a grouped weight still uses after the last fit.
+
+        Args:
+            parameter: name of a weight penalised with ``groups``; may be left out when there is only one.
+            names: one name per group (for example gene names, for ``"input"`` groups).
+
+        Raises:
+            RuntimeError: no fit with groups has ended yet.
+            ValueError: ``parameter`` is not a grouped weight, or is needed to choose among several.
+        """
+        if not self._grouped:
+            raise RuntimeError("No fit with `groups=` has ended yet: fit with SpredCallback(..., groups={...}) first.")
+        if parameter is None and len(self._grouped) > 1:
+            raise ValueError(f"Several weights have groups: choose one with `parameter=`, one of {list(self._grouped)}.")
+        parameter = parameter or next(iter(self._grouped))
+        if parameter not in self._grouped:
+            raise ValueError(f"`{parameter}` was not penalised with groups; grouped weights: {list(self._grouped)}.")
+        weight, dim = self._grouped[parameter]
+        return selected_features(weight, dim, names)
 
     # ----------------------------------------------------------------------------------------------
     # Overridable choices
@@ -155,15 +178,19 @@ class SpredCallback(Callback):
     def compute_metrics(self) -> dict[str, Tensor]:
         """The values logged during training; override to add or change them.
 
-        Computed from the current weights ``u * v`` with the callback's threshold, on this process (every
-        rank holds the same weights under DDP, so no synchronisation is needed).
+        Computed from the weights the model would leave ``fit`` with now (``u * v``, thresholded) on this
+        process: every rank holds the same weights under DDP, so no synchronisation is needed.
+        Grouped weights also report ``spred/groups/<name>``, the number of groups (features, neurons,
+        channels) still in use.
         """
         metrics: dict[str, Tensor] = {}
         zeros, total, value = 0, 0, 0
         for f in self._factorizations:
-            weight = f.weight.detach()
-            layer_zeros = (weight.abs() <= f.threshold).sum()
+            weight = f.sparse_weight()
+            layer_zeros = (weight == 0).sum()
             metrics[f"spred/sparsity/{f.path}"] = layer_zeros / weight.numel()
+            if f.dim is not None:
+                metrics[f"spred/groups/{f.path}"] = (group_norms(weight, f.dim) > 0).sum().float()
             zeros, total, value = zeros + layer_zeros, total + weight.numel(), value + penalty(weight, f.lam, f.dim)
         metrics["spred/nonzeros"] = torch.as_tensor(total - zeros, dtype=torch.float32)
         metrics["spred/penalty"] = torch.as_tensor(value, dtype=torch.float32)
@@ -280,6 +307,7 @@ class SpredCallback(Callback):
             return
         for f in self._factorizations:
             merge(f, threshold)
+        self._grouped = {f.path: (f.weight, f.dim) for f in self._factorizations if f.dim is not None}
         self._report = sparsity_report((f.path, f.weight) for f in self._factorizations)
         self._factorizations.clear()
         self._restore_ddp_ignore()

@@ -98,9 +98,12 @@ class Factorization:
         weight.grad = None
 
     def sparse_weight(self, value: Optional[float] = None) -> Tensor:
-        """``u * v`` with entries of magnitude ``<= value`` (default: ``self.threshold``) set to exact zero."""
+        """``u * v`` with entries (or, for groups, whole groups) of magnitude ``<= value`` set to exact zero.
+
+        ``value`` defaults to ``self.threshold``.
+        """
         with torch.no_grad():
-            return threshold(self.u * self.v, self.threshold if value is None else value)
+            return threshold(self.u * self.v, self.threshold if value is None else value, self.dim)
 
 
 def factorize(

@@ -107,14 +107,26 @@ def penalty(weight: Tensor, lam: float, dim: Optional[int] = None) -> Tensor:
     return lam * group_norms(weight, dim).sum()
 
 
-def threshold(weight: Tensor, value: float) -> Tensor:
-    """A copy of ``weight`` with every entry of magnitude ``<= value`` set to exactly zero.
+def threshold(weight: Tensor, value: float, dim: Optional[int] = None) -> Tensor:
+    """A copy of ``weight`` with small entries, or small groups, set to exactly zero.
+
+    Args:
+        weight: the weight.
+        value: entries (``dim=None``) or groups along ``dim`` whose magnitude (Euclidean norm) is ``<= value``
+            become zero. A group is zeroed whole or kept whole: the group lasso does not zero single entries.
+        dim: ``None`` for entries, else the dimension whose indices are the groups.
 
     Example:
         >>> threshold(torch.tensor([1e-9, -0.5, 2e-7]), 1e-6)
         tensor([ 0.0000, -0.5000,  0.0000])
+        >>> threshold(torch.tensor([[1e-9, 0.5], [1e-9, 1e-9]]), 1e-6, dim=1)
+        tensor([[0.0000e+00, 5.0000e-01],
+                [0.0000e+00, 1.0000e-09]])
     """
-    return torch.where(weight.abs() <= value, torch.zeros_like(weight), weight)
+    norms = group_norms(weight, dim)
+    if dim is not None:
+        norms = norms.reshape(scale_shape(weight.shape, dim))
+    return torch.where(norms <= value, torch.zeros_like(weight), weight)
 
 
 def sparsity(weight: Tensor, value: float = 0.0) -> Tensor:
