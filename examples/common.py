@@ -1,0 +1,65 @@
+"""Pieces the examples share: a classifier LightningModule and a quiet Trainer."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+
+class Classifier(LightningModule):
+    """Cross-entropy on any network with Adam.
+
+    ``steps`` (if given) decays the learning rate to zero along a cosine over that many steps: Adam's steps
+    keep a size of about ``lr`` however small the gradient, so switched-off weights only settle at zero
+    as the learning rate goes to zero. ``naive_l1`` adds ``lam * sum|w|`` of the Linear/Conv weights to the loss.
+    """
+
+    def __init__(self, net: nn.Module, lr: float = 1e-3, steps: Optional[int] = None, naive_l1: float = 0.0) -> None:
+        super().__init__()
+        self.net, self.lr, self.steps, self.naive_l1 = net, lr, steps, naive_l1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        if self.naive_l1:
+            weights = [m.weight for m in self.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            loss = loss + self.naive_l1 * sum(w.abs().sum() for w in weights)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.steps is None:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return float((model(x).argmax(dim=1) == y).float().mean())
+
+
+def quiet_trainer(
+    callbacks: Sequence[Callback] = (), logger: Optional[Logger] = None, **kwargs: Any
+) -> Trainer:
+    """A CPU Trainer without checkpoints, summaries or Lightning's chatter; our scripts print their own progress."""
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    settings: dict[str, Any] = dict(
+        accelerator="cpu", logger=logger or False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=False,
+    )  # fmt: skip
+    return Trainer(callbacks=list(callbacks), **{**settings, **kwargs})
