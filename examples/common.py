@@ -63,3 +63,22 @@ def quiet_trainer(
         enable_progress_bar=False,
     )  # fmt: skip
     return Trainer(callbacks=list(callbacks), **{**settings, **kwargs})
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (examples run on machines without a screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def label_and_save(figure: Any, axes: Any, xlabel: str, ylabel: str, title: str, path: Any) -> None:
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

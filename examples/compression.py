@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from common import Classifier, accuracy, quiet_trainer
+from common import Classifier, accuracy, label_and_save, pyplot, quiet_trainer
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 from sklearn.datasets import load_digits
@@ -117,25 +117,15 @@ def main() -> None:
 
 
 def plot(rows: list[dict], args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(args.models), figsize=(5 * len(args.models), 4), squeeze=False)
+    figure, axes = pyplot().subplots(1, len(args.models), figsize=(5 * len(args.models), 4), squeeze=False)
     for ax, name in zip(axes[0], args.models):
         for method, marker in (("spred", "o"), ("magnitude pruning", "s"), ("naive L1", "^")):
             points = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["model"] == name and r["method"] == method)
             ax.plot(*zip(*points), marker=marker, label=method)
         dense = next(r["accuracy"] for r in rows if r["model"] == name and r["method"] == "dense")
         ax.axhline(dense, color="gray", linestyle=":", label="dense")
-        ax.set_xlabel("fraction of zero weights")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"digits, {name.upper()}")
-        ax.legend()
-    figure.tight_layout()
-    figure.savefig(args.out / "accuracy_vs_sparsity.png", dpi=120)
-
+        path = args.out / "accuracy_vs_sparsity.png"
+        label_and_save(figure, ax, "fraction of zero weights", "test accuracy", f"digits, {name.upper()}", path)
 
 if __name__ == "__main__":
     main()

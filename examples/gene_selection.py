@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from common import Classifier, accuracy, quiet_trainer
+from common import Classifier, accuracy, label_and_save, pyplot, quiet_trainer
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from sklearn.datasets import load_breast_cancer
@@ -167,24 +167,16 @@ def main() -> None:
 
 
 def plot(table: list[dict], methods: list[str], args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = {"spred": "spred network (group lasso on genes)", "l1_logistic": "L1 logistic regression", "lassonet": "LassoNet"}
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = pyplot().subplots(figsize=(6, 4))
     for method in methods:
         genes = [row["genes"] if method == "spred" else row[f"{method}_genes"] for row in table]
         axes.plot(genes, [row[method] for row in table], marker="o", label=labels[method])
     axes.set_xscale("log")
-    axes.set_xlabel("selected genes (mean over folds)")
-    axes.set_ylabel("test accuracy (cross-validated)")
-    axes.set_title(f"{args.dataset}: accuracy against genes used")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(args.out / "accuracy_vs_genes.png", dpi=120)
-
+    label_and_save(
+        figure, axes, "selected genes (mean over folds)", "test accuracy (cross-validated)",
+        f"{args.dataset}: accuracy against genes used", args.out / "accuracy_vs_genes.png",
+    )  # fmt: skip
 
 if __name__ == "__main__":
     main()
