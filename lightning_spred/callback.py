@@ -248,10 +248,9 @@ class SpredCallback(Callback):
         if not self._factorizations:
             return
         self._log(pl_module, on_step=False)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                weights = [(f.path, f.sparse_weight()) for f in self._factorizations]
-                log_layer_views(logger.experiment, sparsity_report(weights), weights, trainer.global_step)
+        for experiment in _wandb_runs(trainer):
+            weights = [(f.path, f.sparse_weight()) for f in self._factorizations]
+            log_layer_views(experiment, sparsity_report(weights), weights, trainer.global_step)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or not self._factorizations:
@@ -259,9 +258,8 @@ class SpredCallback(Callback):
         self._merge()
         if self.verbose:
             rank_zero_info(f"SpredCallback: sparsity of the penalised weights\n{self.report()}")
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                write_summary(logger.experiment, self.report())
+        for experiment in _wandb_runs(trainer):
+            write_summary(experiment, self.report())
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning skips `teardown` when fit raises or is interrupted: merge here so the user keeps a plain model.
@@ -341,6 +339,11 @@ class SpredCallback(Callback):
             dist.broadcast(f.u.data, src=0)
             dist.broadcast(f.v.data, src=0)
             f.refresh_weight()
+
+
+def _wandb_runs(trainer: Trainer) -> list[Any]:
+    """The W&B runs of the trainer's WandbLoggers, on rank zero only (other ranks have no real run)."""
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger) and trainer.is_global_zero]
 
 
 def _to_factor_gradients(factorizations: list[Factorization]) -> Any:
