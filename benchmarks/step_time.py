@@ -33,7 +33,9 @@ LR = 0.01
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
 
 
 def cnn() -> nn.Module:
@@ -117,7 +119,9 @@ def main() -> None:
     variants = ["none", "spred", "naive", "prox"]
     cases = {"MLP 784-1024-1024-10, batch 128": (mlp, (784,), 128), "small CNN, batch 32": (cnn, (1, 28, 28), 32)}
     logged = "with a CSVLogger" if args.logger else "without a logger"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, {logged}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, {logged}"
+    )
     print(f"{'model':34} {'spred / plain':>14} {'naive L1 / plain':>17} {'prox SGD / plain':>17}")
     for label, (make_net, shape, batch) in cases.items():
         times: dict[str, list[float]] = {v: [] for v in variants}

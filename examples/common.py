@@ -50,9 +50,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(dim=1) == y).float().mean())
 
 
-def quiet_trainer(
-    callbacks: Sequence[Callback] = (), logger: Optional[Logger] = None, **kwargs: Any
-) -> Trainer:
+def quiet_trainer(callbacks: Sequence[Callback] = (), logger: Optional[Logger] = None, **kwargs: Any) -> Trainer:
     """A CPU Trainer without checkpoints, summaries or Lightning's chatter; our scripts print their own progress."""
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")

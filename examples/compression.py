@@ -35,7 +35,9 @@ PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
 
 
 def cnn() -> nn.Module:
@@ -83,7 +85,9 @@ def main() -> None:
     for name in args.models:
         make_net = {"mlp": mlp, "cnn": cnn}[name]
         dense = train(make_net, data, args)
-        rows.append({"model": name, "method": "dense", "lam": 0.0, "sparsity": 0.0, "accuracy": accuracy(dense, x_test, y_test)})
+        rows.append(
+            {"model": name, "method": "dense", "lam": 0.0, "sparsity": 0.0, "accuracy": accuracy(dense, x_test, y_test)}
+        )
         for lam in args.lams:
             spred = train(make_net, data, args, [SpredCallback(lam, threshold=args.threshold, verbose=False)])
             sparsity = weight_sparsity(spred)
@@ -100,32 +104,47 @@ def main() -> None:
                 ("magnitude pruning", pruned, weight_sparsity(pruned)),
                 ("naive L1", naive, weight_sparsity(naive, args.threshold)),
             ):
-                rows.append({"model": name, "method": method, "lam": lam, "sparsity": zeros, "accuracy": accuracy(net, x_test, y_test)})
+                rows.append(
+                    {
+                        "model": name,
+                        "method": method,
+                        "lam": lam,
+                        "sparsity": zeros,
+                        "accuracy": accuracy(net, x_test, y_test),
+                    }
+                )
             print(f"{name} lam={lam:g}: " + ", ".join(f"{r['method']} {r['sparsity']:.1%} zeros acc {r['accuracy']:.3f}" for r in rows[-3:])
                   + f"  [{time.perf_counter() - start:.0f}s]", flush=True)  # fmt: skip
 
     print(f"\n{'model':6} {'method':18} {'lam':>8} {'zeros':>8} {'compression':>12} {'test acc':>9}")
     for r in rows:
         compression = 1 / (1 - r["sparsity"]) if r["sparsity"] < 1 else float("inf")
-        print(f"{r['model']:6} {r['method']:18} {r['lam']:>8g} {r['sparsity']:>8.1%} {compression:>11.1f}x {r['accuracy']:>9.3f}")
+        print(
+            f"{r['model']:6} {r['method']:18} {r['lam']:>8g} {r['sparsity']:>8.1%} {compression:>11.1f}x {r['accuracy']:>9.3f}"
+        )
     with open(args.out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, args)
-    print(f"\nwrote {args.out / 'accuracy_vs_sparsity.png'} and {args.out / 'results.csv'}  [{time.perf_counter() - start:.0f}s]")
+    print(
+        f"\nwrote {args.out / 'accuracy_vs_sparsity.png'} and {args.out / 'results.csv'}  [{time.perf_counter() - start:.0f}s]"
+    )
 
 
 def plot(rows: list[dict], args: argparse.Namespace) -> None:
     figure, axes = pyplot().subplots(1, len(args.models), figsize=(5 * len(args.models), 4), squeeze=False)
     for ax, name in zip(axes[0], args.models):
         for method, marker in (("spred", "o"), ("magnitude pruning", "s"), ("naive L1", "^")):
-            points = sorted((r["sparsity"], r["accuracy"]) for r in rows if r["model"] == name and r["method"] == method)
+            points = sorted(
+                (r["sparsity"], r["accuracy"]) for r in rows if r["model"] == name and r["method"] == method
+            )
             ax.plot(*zip(*points), marker=marker, label=method)
         dense = next(r["accuracy"] for r in rows if r["model"] == name and r["method"] == "dense")
         ax.axhline(dense, color="gray", linestyle=":", label="dense")
         path = args.out / "accuracy_vs_sparsity.png"
         label_and_save(figure, ax, "fraction of zero weights", "test accuracy", f"digits, {name.upper()}", path)
+
 
 if __name__ == "__main__":
     main()

@@ -85,7 +85,9 @@ def lassonet_path(x_train, y_train, x_test, y_test, hidden: int, seed: int) -> O
         from lassonet import LassoNetClassifier
     except ImportError:
         return None
-    model = LassoNetClassifier(hidden_dims=(hidden,), path_multiplier=1.5, n_iters=(100, 20), random_state=seed, verbose=0)
+    model = LassoNetClassifier(
+        hidden_dims=(hidden,), path_multiplier=1.5, n_iters=(100, 20), random_state=seed, verbose=0
+    )
     points = []
     for item in model.path(x_train, y_train, return_state_dicts=True, disable_lambda_warning=True):
         model.load(item.state_dict)
@@ -124,14 +126,20 @@ def main() -> None:
     rows: dict[float, dict[str, list[float]]] = {lam: {} for lam in args.lams}
     for fold, (train, test) in enumerate(folds):
         scaler = StandardScaler().fit(x_all[train])
-        x_train, x_test = scaler.transform(x_all[train]).astype(np.float32), scaler.transform(x_all[test]).astype(np.float32)
+        x_train, x_test = (
+            scaler.transform(x_all[train]).astype(np.float32),
+            scaler.transform(x_all[test]).astype(np.float32),
+        )
         y_train, y_test = y_all[train], y_all[test]
         baseline = l1_logistic_path(x_train, y_train, x_test, y_test, grid)
         lassonet = None if args.no_lassonet else lassonet_path(x_train, y_train, x_test, y_test, args.hidden, args.seed)
         for lam in args.lams:
             model, spred = fit_spred(x_train, y_train, classes, lam, args)
             genes = len(spred.selected_features())
-            results = {"genes": genes, "spred": accuracy(model, torch.from_numpy(x_test), torch.from_numpy(y_test).long())}
+            results = {
+                "genes": genes,
+                "spred": accuracy(model, torch.from_numpy(x_test), torch.from_numpy(y_test).long()),
+            }
             results["l1_logistic_genes"], results["l1_logistic"] = closest(baseline, genes)
             if lassonet is not None:
                 results["lassonet_genes"], results["lassonet"] = closest(lassonet, genes)
@@ -156,18 +164,29 @@ def main() -> None:
 
     # The genes chosen on all the data, with a logger attached, at the middle `lam`.
     lam = args.lams[len(args.lams) // 2]
-    logger = {"csv": CSVLogger(args.out, name="logs"), "wandb": WandbLogger(project="lightning-spred", save_dir=str(args.out))}.get(args.logger)
+    logger = {
+        "csv": CSVLogger(args.out, name="logs"),
+        "wandb": WandbLogger(project="lightning-spred", save_dir=str(args.out)),
+    }.get(args.logger)
     x_scaled = StandardScaler().fit_transform(x_all).astype(np.float32)
     _, spred = fit_spred(x_scaled, y_all, classes, lam, args, logger=logger)
     selection = spred.selected_features(names=names)
-    print(f"\nlam={lam:g} on all {len(y_all)} samples selects {len(selection)} of {len(names)} features; the strongest:")
+    print(
+        f"\nlam={lam:g} on all {len(y_all)} samples selects {len(selection)} of {len(names)} features; the strongest:"
+    )
     for name, norm in selection.ranked()[:15]:
         print(f"  {name:<28} group norm {norm:.4f}")
-    print(f"\nwrote {args.out / 'accuracy_vs_genes.png'} and {args.out / 'results.csv'}  [{time.perf_counter() - start:.0f}s]")
+    print(
+        f"\nwrote {args.out / 'accuracy_vs_genes.png'} and {args.out / 'results.csv'}  [{time.perf_counter() - start:.0f}s]"
+    )
 
 
 def plot(table: list[dict], methods: list[str], args: argparse.Namespace) -> None:
-    labels = {"spred": "spred network (group lasso on genes)", "l1_logistic": "L1 logistic regression", "lassonet": "LassoNet"}
+    labels = {
+        "spred": "spred network (group lasso on genes)",
+        "l1_logistic": "L1 logistic regression",
+        "lassonet": "LassoNet",
+    }
     figure, axes = pyplot().subplots(figsize=(6, 4))
     for method in methods:
         genes = [row["genes"] if method == "spred" else row[f"{method}_genes"] for row in table]
@@ -177,6 +196,7 @@ def plot(table: list[dict], methods: list[str], args: argparse.Namespace) -> Non
         figure, axes, "selected genes (mean over folds)", "test accuracy (cross-validated)",
         f"{args.dataset}: accuracy against genes used", args.out / "accuracy_vs_genes.png",
     )  # fmt: skip
+
 
 if __name__ == "__main__":
     main()

@@ -122,7 +122,9 @@ def main() -> None:
     print(f"{'objective':22}" + "".join(f"{objective(x, y, c, alpha):>20.8f}" for c, _ in solvers.values()))
     print(f"{'wall time (s)':22}" + "".join(f"{t:>20.2f}" for _, t in solvers.values()))
     print(f"relative objective gap: {gap / objective(x, y, reference, alpha):.2e}")
-    print(f"same support: {bool(np.array_equal(w != 0, reference != 0))}, max |w - w_sklearn| = {np.abs(w - reference).max():.2e}")
+    print(
+        f"same support: {bool(np.array_equal(w != 0, reference != 0))}, max |w - w_sklearn| = {np.abs(w - reference).max():.2e}"
+    )
     off_support = np.abs(w[reference == 0])
     print(f"largest |w| where scikit-learn has 0: {off_support.max() if off_support.size else 0:.2e}")
 

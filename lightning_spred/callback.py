@@ -61,7 +61,8 @@ class SpredCallback(Callback):
     Args:
         lam: the L1 coefficient (``>= 0``).
         threshold: entries with ``|w| <= threshold`` (for grouped weights: whole groups with
-            ``||w_g|| <= threshold``) are exact zeros in the merged model, in checkpoints and in the logged sparsity. Zeroed weights decay towards 0 exponentially (about ``2 * lr * lam``
+            ``||w_g|| <= threshold``) are exact zeros in the merged model, in checkpoints and in the logged
+            sparsity. Zeroed weights decay towards 0 exponentially (about ``2 * lr * lam``
             per step) but never reach it exactly; raise the threshold for short or noisy runs.
         modules: module types whose ``weight`` is penalised.
         include: name patterns (shell-style, ``*`` matches dots) of further parameters to penalise,
@@ -99,7 +100,9 @@ class SpredCallback(Callback):
     ) -> None:
         self.lam = _check_coefficient("lam", lam)
         self.threshold = _check_coefficient("threshold", threshold)
-        self.lam_overrides = {k: _check_coefficient(f"lam_overrides[{k!r}]", v) for k, v in (lam_overrides or {}).items()}
+        self.lam_overrides = {
+            k: _check_coefficient(f"lam_overrides[{k!r}]", v) for k, v in (lam_overrides or {}).items()
+        }
         self.modules = tuple(modules)
         if not all(isinstance(m, type) and issubclass(m, nn.Module) for m in self.modules):
             raise TypeError(f"`modules` must hold nn.Module subclasses such as nn.Linear, got {modules!r}.")
@@ -134,7 +137,9 @@ class SpredCallback(Callback):
             raise RuntimeError("No fit with this SpredCallback has ended yet: call `trainer.fit` first.")
         return self._report
 
-    def selected_features(self, parameter: Optional[str] = None, names: Optional[Sequence[str]] = None) -> FeatureSelection:
+    def selected_features(
+        self, parameter: Optional[str] = None, names: Optional[Sequence[str]] = None
+    ) -> FeatureSelection:
         """The groups (input features, neurons, channels) a grouped weight still uses after the last fit.
 
         Args:
@@ -148,7 +153,9 @@ class SpredCallback(Callback):
         if not self._grouped:
             raise RuntimeError("No fit with `groups=` has ended yet: fit with SpredCallback(..., groups={...}) first.")
         if parameter is None and len(self._grouped) > 1:
-            raise ValueError(f"Several weights have groups: choose one with `parameter=`, one of {list(self._grouped)}.")
+            raise ValueError(
+                f"Several weights have groups: choose one with `parameter=`, one of {list(self._grouped)}."
+            )
         parameter = parameter or next(iter(self._grouped))
         if parameter not in self._grouped:
             raise ValueError(f"`{parameter}` was not penalised with groups; grouped weights: {list(self._grouped)}.")
@@ -277,7 +284,9 @@ class SpredCallback(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"factors": {f.path: {"u": f.u.detach().clone(), "v": f.v.detach().clone()} for f in self._factorizations}}
+        return {
+            "factors": {f.path: {"u": f.u.detach().clone(), "v": f.v.detach().clone()} for f in self._factorizations}
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         factors = state_dict.get("factors", {})
@@ -343,7 +352,9 @@ class SpredCallback(Callback):
 
 def _wandb_runs(trainer: Trainer) -> list[Any]:
     """The W&B runs of the trainer's WandbLoggers, on rank zero only (other ranks have no real run)."""
-    return [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger) and trainer.is_global_zero]
+    return [
+        logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger) and trainer.is_global_zero
+    ]
 
 
 def _to_factor_gradients(factorizations: list[Factorization]) -> Any:
@@ -417,10 +428,12 @@ def _check_optimizers(trainer: Trainer, by_optimizer: dict[Optimizer, list[Facto
                 " penalty, so the penalty would be divided by the loss scale. Use it with `fused=False`."
             )
         factors = {id(p) for f in factorizations for p in (f.u, f.v)}
-        decayed = [g for g in optimizer.param_groups if g.get("weight_decay", 0) and factors & {id(p) for p in g["params"]}]
+        decayed = [
+            g for g in optimizer.param_groups if g.get("weight_decay", 0) and factors & {id(p) for p in g["params"]}
+        ]
         if decayed and isinstance(optimizer, AdamW):
             rank_zero_warn(
-                f"AdamW applies decoupled weight decay (weight_decay={decayed[0]['weight_decay']}) to the spred factors:"
+                f"AdamW applies decoupled weight decay (weight_decay={decayed[0]['weight_decay']}) to the factors:"
                 " it is not the L1 penalty and shrinks weights by an amount that depends on the learning rate."
                 " SpredCallback already applies `lam`; use Adam, or put the factors in a group with weight_decay=0.",
                 category=UserWarning,
@@ -445,8 +458,10 @@ def _check_strategy(trainer: Trainer) -> None:
 
 
 def _check_coefficient(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)) or (
-        isinstance(value, torch.Tensor) and value.numel() != 1
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (Real, torch.Tensor))
+        or (isinstance(value, torch.Tensor) and value.numel() != 1)
     ):
         raise TypeError(f"`{name}` must be a real number such as 1e-4, got {value!r} ({type(value).__name__}).")
     value = float(value)

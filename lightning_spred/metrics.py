@@ -48,7 +48,13 @@ class Sparsity(Metric):
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, weights: Weights) -> None:
-        tensors = weights.parameters() if isinstance(weights, nn.Module) else [weights] if isinstance(weights, Tensor) else weights
+        tensors = (
+            weights.parameters()
+            if isinstance(weights, nn.Module)
+            else [weights]
+            if isinstance(weights, Tensor)
+            else weights
+        )
         for tensor in tensors:
             tensor = tensor.detach()
             self.zeros += (tensor.abs() <= self.threshold).sum().to(self.zeros.device)

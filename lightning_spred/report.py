@@ -69,7 +69,9 @@ class SparsityReport:
         return values
 
     def __str__(self) -> str:
-        rows = [(layer.name, layer.parameters, layer.nonzeros, layer.sparsity, layer.compression) for layer in self.layers]
+        rows = [
+            (layer.name, layer.parameters, layer.nonzeros, layer.sparsity, layer.compression) for layer in self.layers
+        ]
         rows.append(("total", self.total.parameters, self.total.nonzeros, self.total.sparsity, self.total.compression))
         width = max(len("layer"), *(len(row[0]) for row in rows))
         lines = [f"{'layer':<{width}}  parameters  nonzeros  sparsity  compression"]
@@ -81,6 +83,7 @@ class SparsityReport:
 def sparsity_report(named_weights: Iterable[tuple[str, Tensor]], threshold: float = 0.0) -> SparsityReport:
     """Count the entries of each weight with magnitude ``> threshold``."""
     layers = [
-        LayerSparsity(name, weight.numel(), int((weight.detach().abs() > threshold).sum())) for name, weight in named_weights
+        LayerSparsity(name, weight.numel(), int((weight.detach().abs() > threshold).sum()))
+        for name, weight in named_weights
     ]
     return SparsityReport(tuple(layers))

@@ -39,7 +39,10 @@ class ShrinkResult:
 
 
 def shrink(
-    model: nn.Module, example_inputs: Union[Tensor, Sequence[Any]], layers: Optional[Sequence[str]] = None, atol: float = 1e-5
+    model: nn.Module,
+    example_inputs: Union[Tensor, Sequence[Any]],
+    layers: Optional[Sequence[str]] = None,
+    atol: float = 1e-5,
 ) -> ShrinkResult:
     """Return a copy of ``model`` without the output neurons/channels whose weights are exactly zero.
 

@@ -12,7 +12,9 @@ from lightning_spred.report import SparsityReport
 __all__ = ["log_layer_views", "write_summary"]
 
 
-def log_layer_views(experiment: Any, report: SparsityReport, named_weights: Iterable[tuple[str, Tensor]], step: int) -> None:
+def log_layer_views(
+    experiment: Any, report: SparsityReport, named_weights: Iterable[tuple[str, Tensor]], step: int
+) -> None:
     """Log a per-layer sparsity bar chart and a histogram of ``log10 |w|`` of the nonzero weights per layer.
 
     Args:
@@ -24,7 +26,9 @@ def log_layer_views(experiment: Any, report: SparsityReport, named_weights: Iter
     import wandb
 
     table = wandb.Table(columns=["layer", "sparsity"], data=[[layer.name, layer.sparsity] for layer in report.layers])
-    views: dict[str, Any] = {"spred/layer_sparsity": wandb.plot.bar(table, "layer", "sparsity", title="Sparsity per layer")}
+    views: dict[str, Any] = {
+        "spred/layer_sparsity": wandb.plot.bar(table, "layer", "sparsity", title="Sparsity per layer")
+    }
     for name, weight in named_weights:
         magnitudes = weight.detach().abs().flatten()
         magnitudes = magnitudes[magnitudes > 0]

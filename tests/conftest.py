@@ -16,3 +16,11 @@ def _quiet_lightning_warnings():
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state, so a result never depends on test order."""
+    import torch
+
+    torch.manual_seed(0)

@@ -54,7 +54,9 @@ class Regression(LightningModule):
 class MLP(LightningModule):
     """A small classifier with biases and a norm layer, trained with Adam."""
 
-    def __init__(self, features: int = 8, hidden: int = 16, classes: int = 3, optimizer: Callable | None = None) -> None:
+    def __init__(
+        self, features: int = 8, hidden: int = 16, classes: int = 3, optimizer: Callable | None = None
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.net = nn.Sequential(
@@ -77,7 +79,9 @@ class MLP(LightningModule):
         return self.make_optimizer(self.parameters())
 
 
-def classification_data(n: int = 64, features: int = 8, classes: int = 3, batch_size: int = 16, seed: int = 0) -> DataLoader:
+def classification_data(
+    n: int = 64, features: int = 8, classes: int = 3, batch_size: int = 16, seed: int = 0
+) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=generator)
     y = (x[:, :classes].argmax(dim=1)).long()

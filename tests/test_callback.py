@@ -85,7 +85,9 @@ def test_tied_weights_stay_one_weight():
 
     model = Tied()
     start = model.net[0].weight.detach().clone()
-    quiet_trainer(max_steps=5, callbacks=[SpredCallback(0.01, verbose=False)]).fit(model, classification_data(classes=8))
+    quiet_trainer(max_steps=5, callbacks=[SpredCallback(0.01, verbose=False)]).fit(
+        model, classification_data(classes=8)
+    )
     assert model.net[3].weight is model.net[0].weight
     assert not torch.equal(model.net[0].weight.detach(), start)
 

@@ -17,7 +17,10 @@ from lightning_spred import SpredCallback
 from lightning_spred.shrink import shrink
 
 STEPS = 4000
-OPTIMIZERS = {"sgd_momentum": lambda p, steps: torch.optim.SGD(p, lr=0.1, momentum=0.9), "adam": lambda p, steps: torch.optim.Adam(p, lr=0.02)}
+OPTIMIZERS = {
+    "sgd_momentum": lambda p, steps: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "adam": lambda p, steps: torch.optim.Adam(p, lr=0.02),
+}
 
 
 class LeastSquares(LightningModule):
@@ -88,7 +91,9 @@ def test_input_groups_match_multitask_lasso(optimizer, tmp_path):
     assert list(features.names) == [names[j] for j in selected]
     np.testing.assert_allclose(features.norms, np.linalg.norm(reference, axis=0)[selected], atol=1e-3)
     with open(trainer.logger.log_dir + "/metrics.csv") as handle:
-        logged = [float(r["spred/groups/model.weight"]) for r in csv.DictReader(handle) if r["spred/groups/model.weight"]]
+        logged = [
+            float(r["spred/groups/model.weight"]) for r in csv.DictReader(handle) if r["spred/groups/model.weight"]
+        ]
     assert logged[-1] == len(selected)
 
 
@@ -138,7 +143,9 @@ def test_pruned_units_are_removed_and_outputs_unchanged(kind):
         )
         loader = classification_data(n=64)
         data = [(x.unsqueeze(1), y) for x, y in loader]
-        data = DataLoader(TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])), batch_size=16)
+        data = DataLoader(
+            TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])), batch_size=16
+        )
         example = torch.randn(16, 1, 8)
         groups = {"net.0.weight": "output", "net.2.weight": "output"}
     quiet_trainer(max_epochs=60, callbacks=[SpredCallback(0.02, threshold=1e-3, groups=groups, verbose=False)]).fit(

@@ -28,7 +28,11 @@ def test_default_is_linear_and_conv_weights_only():
 def test_choose_by_type_pattern_and_function():
     net = Net()
     assert paths(select_parameters(net, 0.1, modules=[nn.Embedding])) == ["embed.weight"]
-    assert paths(select_parameters(net, 0.1, include=["*.bias"], exclude=["conv.*"])) == ["norm.bias", "head.weight", "head.bias"]
+    assert paths(select_parameters(net, 0.1, include=["*.bias"], exclude=["conv.*"])) == [
+        "norm.bias",
+        "head.weight",
+        "head.bias",
+    ]
     chosen = select_parameters(net, 0.1, select=lambda name, module, p: p.ndim == 1 and "norm" in name)
     assert paths(chosen) == ["norm.weight", "norm.bias"]
 

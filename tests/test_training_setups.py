@@ -124,7 +124,9 @@ class GAN(LightningModule):
 
     def training_step(self, batch, batch_idx):
         z, real = batch
-        for optimizer, loss in zip(self.optimizers(), (lambda: self.generator_loss(z), lambda: self.discriminator_loss(z, real))):
+        for optimizer, loss in zip(
+            self.optimizers(), (lambda: self.generator_loss(z), lambda: self.discriminator_loss(z, real))
+        ):
             self.toggle_optimizer(optimizer)
             optimizer.zero_grad()
             self.manual_backward(loss())
@@ -150,7 +152,10 @@ def test_manual_optimization_with_two_optimizers_matches_explicit_factors():
     factors = {}
     for name in ("generator", "discriminator"):
         layer = getattr(start, name)
-        factors[name] = (layer.weight.detach().clone().requires_grad_(), torch.ones_like(layer.weight, requires_grad=True))
+        factors[name] = (
+            layer.weight.detach().clone().requires_grad_(),
+            torch.ones_like(layer.weight, requires_grad=True),
+        )
         del layer.weight
     opts = {n: plain_sgd([*factors[n], getattr(start, n).bias]) for n in factors}
 
@@ -159,7 +164,10 @@ def test_manual_optimization_with_two_optimizers_matches_explicit_factors():
             getattr(start, n).weight = u * v
 
     for z, real in batches:
-        for n, loss_fn in (("generator", lambda: start.generator_loss(z)), ("discriminator", lambda: start.discriminator_loss(z, real))):
+        for n, loss_fn in (
+            ("generator", lambda: start.generator_loss(z)),
+            ("discriminator", lambda: start.discriminator_loss(z, real)),
+        ):
             load_products()
             u, v = factors[n]
             opts[n].zero_grad()
@@ -173,9 +181,13 @@ def test_manual_optimization_with_two_optimizers_matches_explicit_factors():
 def test_compiled_model_trains_like_the_eager_one():
     eager = MLP(optimizer=plain_sgd)
     compiled_source = copy.deepcopy(eager)
-    quiet_trainer(max_steps=4, callbacks=[SpredCallback(0.05, threshold=0.0, verbose=False)]).fit(eager, classification_data())
+    quiet_trainer(max_steps=4, callbacks=[SpredCallback(0.05, threshold=0.0, verbose=False)]).fit(
+        eager, classification_data()
+    )
     compiled = torch.compile(compiled_source)
-    quiet_trainer(max_steps=4, callbacks=[SpredCallback(0.05, threshold=0.0, verbose=False)]).fit(compiled, classification_data())
+    quiet_trainer(max_steps=4, callbacks=[SpredCallback(0.05, threshold=0.0, verbose=False)]).fit(
+        compiled, classification_data()
+    )
     assert [n for n, _ in compiled_source.named_parameters()] == [n for n, _ in eager.named_parameters()]
     for a, b in zip(eager.parameters(), compiled_source.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
