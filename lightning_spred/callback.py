@@ -17,7 +17,7 @@ from torch.optim import LBFGS, AdamW, Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_spred.factorization import Factorization, factorize, merge
-from lightning_spred.functional import group_norms, penalty
+from lightning_spred.functional import count_zeros, group_norms, penalty
 from lightning_spred.groups import FeatureSelection, selected_features
 from lightning_spred.report import SparsityReport, sparsity_report
 from lightning_spred.selection import DEFAULT_MODULES, GroupDim, SelectFn, Target, select_parameters
@@ -194,7 +194,7 @@ class SpredCallback(Callback):
         zeros, total, value = 0, 0, 0
         for f in self._factorizations:
             weight = f.sparse_weight()
-            layer_zeros = (weight == 0).sum()
+            layer_zeros = count_zeros(weight)
             metrics[f"spred/sparsity/{f.path}"] = layer_zeros / weight.numel()
             if f.dim is not None:
                 metrics[f"spred/groups/{f.path}"] = (group_norms(weight, f.dim) > 0).sum().float()

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "count_zeros",
     "factor_gradients",
     "group_norms",
     "penalty",
@@ -129,6 +130,16 @@ def threshold(weight: Tensor, value: float, dim: Optional[int] = None) -> Tensor
     return torch.where(norms <= value, torch.zeros_like(weight), weight)
 
 
+def count_zeros(weight: Tensor, value: float = 0.0) -> Tensor:
+    """Number of entries of ``weight`` with magnitude ``<= value``: the one definition of "zero" used everywhere.
+
+    Example:
+        >>> count_zeros(torch.tensor([0.0, 1e-9, 0.3, -2.0]), 1e-6)
+        tensor(2)
+    """
+    return (weight.detach().abs() <= value).sum()
+
+
 def sparsity(weight: Tensor, value: float = 0.0) -> Tensor:
     """Fraction of entries of ``weight`` with magnitude ``<= value``, a number in ``[0, 1]``.
 
@@ -138,4 +149,4 @@ def sparsity(weight: Tensor, value: float = 0.0) -> Tensor:
     """
     if weight.numel() == 0:
         return torch.zeros((), device=weight.device)
-    return (weight.abs() <= value).float().mean()
+    return count_zeros(weight, value) / weight.numel()

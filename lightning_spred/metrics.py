@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_spred.functional import count_zeros
+
 __all__ = ["Sparsity"]
 
 Weights = Union[Tensor, nn.Module, Iterable[Tensor]]
@@ -56,8 +58,7 @@ class Sparsity(Metric):
             else weights
         )
         for tensor in tensors:
-            tensor = tensor.detach()
-            self.zeros += (tensor.abs() <= self.threshold).sum().to(self.zeros.device)
+            self.zeros += count_zeros(tensor, self.threshold).to(self.zeros.device)
             self.total += tensor.numel()
 
     def compute(self) -> Tensor:

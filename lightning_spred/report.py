@@ -8,6 +8,8 @@ from typing import Iterable
 
 from torch import Tensor
 
+from lightning_spred.functional import count_zeros
+
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
 
 
@@ -83,7 +85,7 @@ class SparsityReport:
 def sparsity_report(named_weights: Iterable[tuple[str, Tensor]], threshold: float = 0.0) -> SparsityReport:
     """Count the entries of each weight with magnitude ``> threshold``."""
     layers = [
-        LayerSparsity(name, weight.numel(), int((weight.detach().abs() > threshold).sum()))
+        LayerSparsity(name, weight.numel(), weight.numel() - int(count_zeros(weight, threshold)))
         for name, weight in named_weights
     ]
     return SparsityReport(tuple(layers))
