@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import wandb
 from helpers import MLP, classification_data, quiet_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
@@ -31,7 +32,7 @@ def direct_count(model):
 
 
 def test_csv_logger_gets_every_metric_per_layer(tmp_path):
-    model, callback, trainer = fit_logged(tmp_path, CSVLogger(tmp_path))
+    model, _callback, trainer = fit_logged(tmp_path, CSVLogger(tmp_path))
     with open(trainer.logger.log_dir + "/metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     columns = set(rows[0])
@@ -94,6 +95,9 @@ def test_wandb_offline_run_holds_the_views_and_summary(tmp_path, monkeypatch):
     model, callback, _ = fit_logged(tmp_path, logger, epochs=5)
     run_dir = __import__("pathlib").Path(logger.experiment.dir).parent
     logger.experiment.finish()
+    # `finish` can return before wandb's service has written the last records of an offline run;
+    # stopping the service waits for it to close the file.
+    wandb.teardown()
     history, summary = history_and_summary(run_dir)
 
     keys = set().union(*history)
