@@ -2,8 +2,8 @@
 
 Each variant trains the same model on the same random batches inside a Lightning Trainer on the CPU.
 Variants run in interleaved rounds (plain, spred, naive, prox, plain, ...) so that machine noise hits
-them alike; the figure of a variant is the median step time over its rounds, and only ratios to plain
-training in the same run are reported.
+them alike. A round's figure of a variant is its median step time divided by plain training's in the same
+round; the script prints the median of these ratios over the rounds and their range, never a lone time.
 
     python benchmarks/step_time.py            # MLP 784-1024-1024-10 @128 and a small CNN @32
     python benchmarks/step_time.py --steps 30 --rounds 1   # quick look
@@ -122,15 +122,21 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, {logged}"
     )
-    print(f"{'model':34} {'spred / plain':>14} {'naive L1 / plain':>17} {'prox SGD / plain':>17}")
+    print(f"{'model':34} {'spred / plain':>20} {'naive L1 / plain':>20} {'prox SGD / plain':>20}")
     for label, (make_net, shape, batch) in cases.items():
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):
             for variant in variants:
                 times[variant].append(median_step(make_net, shape, batch, variant, args.steps, args.logger))
-        median = {v: statistics.median(t) for v, t in times.items()}
-        ratios = [median[v] / median["none"] for v in ("spred", "naive", "prox")]
-        print(f"{label:34} {ratios[0]:>13.2f}x {ratios[1]:>16.2f}x {ratios[2]:>16.2f}x")
+        cells = [ratio_cell(times[v], times["none"]) for v in ("spred", "naive", "prox")]
+        print(f"{label:34} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20}")
+    print("each cell: median over rounds of (variant / plain in the same round) [lowest - highest round]")
+
+
+def ratio_cell(variant: list[float], plain: list[float]) -> str:
+    """Pair each round with the plain run of the same round, so slow phases of the machine cancel out."""
+    ratios = [v / p for v, p in zip(variant, plain)]
+    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class Factorization:
     dim: Optional[int]
     threshold: float
     _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
-    _grad_buffers: Optional[tuple[Tensor, Tensor]] = field(default=None, repr=False)
+    _grad_buffers: Optional[tuple[Optional[Tensor], Tensor]] = field(default=None, repr=False)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -92,9 +92,17 @@ class Factorization:
     def accumulate_factor_gradients(self) -> None:
         """Turn ``w.grad`` into the gradients of ``u`` and ``v`` (with the decay) and clear ``w.grad``."""
         weight, u, v = self.weight, self.u, self.v
-        if self._grad_buffers is None or self._grad_buffers[0].device != u.device:
-            self._grad_buffers = (torch.empty_like(u), torch.empty_like(v))
-        u.grad, v.grad = factor_gradients(weight.grad, u.detach(), v.detach(), self.lam, out=self._grad_buffers)
+        grad = weight.grad
+        if grad is None:  # the weight took no part in the loss: the decay alone
+            u.grad, v.grad = factor_gradients(None, u.detach(), v.detach(), self.lam)
+            return
+        if self._grad_buffers is None or self._grad_buffers[1].device != u.device:
+            # Persistent buffers: a fresh weight-sized allocation page-faults on the CPU at every step.
+            # Elementwise, w.grad (dropped below) holds grad_u; groups need a weight-sized scratch.
+            self._grad_buffers = (torch.empty_like(u) if v.shape != u.shape else None, torch.empty_like(v))
+        grad_u, grad_v = self._grad_buffers
+        out = (grad if grad_u is None else grad_u, grad_v)
+        u.grad, v.grad = factor_gradients(grad, u.detach(), v.detach(), self.lam, out=out)
         weight.grad = None
 
     def sparse_weight(self, value: Optional[float] = None) -> Tensor:

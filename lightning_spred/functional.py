@@ -58,7 +58,8 @@ def factor_gradients(
         v: factor that broadcasts to the weight's shape.
         lam: the L1 coefficient.
         out: optional buffers shaped like ``u`` and ``v`` to write into. Reusing them matters on the CPU,
-            where a fresh weight-sized allocation costs more than the arithmetic.
+            where a fresh weight-sized allocation costs more than the arithmetic. When ``v`` has ``u``'s shape,
+            ``grad_u``'s buffer may be ``weight_grad`` itself, which is then overwritten.
 
     Returns:
         ``(grad_u, grad_v)`` with the shapes of ``u`` and ``v``.
