@@ -32,6 +32,17 @@ def test_gene_selection_example(tmp_path):
     assert list((tmp_path / "logs").rglob("metrics.csv"))
 
 
+def test_gene_selection_example_with_lassonet(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("lassonet")
+    out = run(
+        "examples/gene_selection.py", "--dataset", "breast_cancer", "--folds", "2", "--lams", "0.2",
+        "--steps", "60", "--logger", "none", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert "lassonet acc" in out
+    assert "lassonet" in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
 def test_compression_example(tmp_path):
     pytest.importorskip("matplotlib")
     out = run("examples/compression.py", "--epochs", "2", "--lams", "1e-3", "--models", "mlp", "--out", str(tmp_path))
