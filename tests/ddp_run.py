@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -66,7 +67,7 @@ class InterleavedData(LightningDataModule):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", choices=["single", "ddp", "ddp_spawn"], required=True)
+    parser.add_argument("--strategy", choices=["single", "ddp", "ddp_spawn", "ddp_bucket_view"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -74,10 +75,12 @@ def main() -> None:
     torch.manual_seed(int(os.environ.get("LOCAL_RANK", 0)))
     model = MLP(optimizer=sgd_momentum)
     distributed = args.strategy != "single"
+    # DDP can hand out its all-reduce buckets as the gradients; SpredCallback turns w.grad into grad_u in place.
+    strategy = DDPStrategy(gradient_as_bucket_view=True) if args.strategy == "ddp_bucket_view" else args.strategy
     trainer = Trainer(
         accelerator="cpu",
         devices=2 if distributed else 1,
-        strategy=args.strategy if distributed else "auto",
+        strategy=strategy if distributed else "auto",
         max_epochs=4,
         callbacks=[SpredCallback(0.1, threshold=1e-3, verbose=False), SaveRankResult(args.out)],
         logger=False,

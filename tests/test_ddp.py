@@ -30,7 +30,7 @@ def single(tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "ddp_bucket_view"])
 def test_ranks_agree_with_one_process(strategy, single, tmp_path):
     ranks = run(strategy, tmp_path / "out")
     assert len(ranks) == 2
