@@ -71,14 +71,14 @@ class SparsityReport:
         return values
 
     def __str__(self) -> str:
-        rows = [
-            (layer.name, layer.parameters, layer.nonzeros, layer.sparsity, layer.compression) for layer in self.layers
-        ]
-        rows.append(("total", self.total.parameters, self.total.nonzeros, self.total.sparsity, self.total.compression))
-        width = max(len("layer"), *(len(row[0]) for row in rows))
+        rows = (*self.layers, self.total)
+        width = max(len("layer"), *(len(row.name) for row in rows))
         lines = [f"{'layer':<{width}}  parameters  nonzeros  sparsity  compression"]
-        for name, parameters, nonzeros, sparsity, compression in rows:
-            lines.append(f"{name:<{width}}  {parameters:>10,}  {nonzeros:>8,}  {sparsity:>8.2%}  {compression:>10.1f}x")
+        for row in rows:
+            lines.append(
+                f"{row.name:<{width}}  {row.parameters:>10,}  {row.nonzeros:>8,}  {row.sparsity:>8.2%}"
+                f"  {row.compression:>10.1f}x"
+            )
         return "\n".join(lines)
 
 
