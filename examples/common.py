@@ -1,4 +1,4 @@
-"""Pieces the examples share: a classifier LightningModule and a quiet Trainer."""
+"""Pieces the examples share: a classifier LightningModule, the weights they count, a quiet Trainer, plots."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from torch import nn
+
+
+def layer_weights(net: nn.Module) -> list[torch.Tensor]:
+    """The weights of the Linear and Conv2d layers: what naive L1 penalises and the sparsity figures count."""
+    return [m.weight for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 class Classifier(LightningModule):
@@ -32,8 +37,7 @@ class Classifier(LightningModule):
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train_loss", loss, prog_bar=True)
         if self.naive_l1:
-            weights = [m.weight for m in self.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            loss = loss + self.naive_l1 * sum(w.abs().sum() for w in weights)
+            loss = loss + self.naive_l1 * sum(w.abs().sum() for w in layer_weights(self.net))
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -73,10 +77,13 @@ def pyplot() -> Any:
     return plt
 
 
-def label_and_save(figure: Any, axes: Any, xlabel: str, ylabel: str, title: str, path: Any) -> None:
+def label(axes: Any, xlabel: str, ylabel: str, title: str) -> None:
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.legend()
+
+
+def save(figure: Any, path: Any) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from common import Classifier, accuracy, label_and_save, pyplot, quiet_trainer
+from common import Classifier, accuracy, label, layer_weights, pyplot, quiet_trainer, save
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelPruning
 from sklearn.datasets import load_digits
@@ -29,9 +29,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spred import SpredCallback
-
-PRUNABLE = (nn.Linear, nn.Conv2d)
+from lightning_spred import Sparsity, SpredCallback
 
 
 def mlp() -> nn.Module:
@@ -48,8 +46,9 @@ def cnn() -> nn.Module:
 
 
 def weight_sparsity(net: nn.Module, threshold: float = 0.0) -> float:
-    weights = [m.weight.detach() for m in net.modules() if isinstance(m, PRUNABLE)]
-    return float(sum((w.abs() <= threshold).sum() for w in weights) / sum(w.numel() for w in weights))
+    metric = Sparsity(threshold)
+    metric.update(layer_weights(net))
+    return float(metric.compute())
 
 
 def train(make_net: Callable[[], nn.Module], data: DataLoader, args: argparse.Namespace, callbacks=(), naive_l1=0.0):
@@ -142,8 +141,8 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
             ax.plot(*zip(*points), marker=marker, label=method)
         dense = next(r["accuracy"] for r in rows if r["model"] == name and r["method"] == "dense")
         ax.axhline(dense, color="gray", linestyle=":", label="dense")
-        path = args.out / "accuracy_vs_sparsity.png"
-        label_and_save(figure, ax, "fraction of zero weights", "test accuracy", f"digits, {name.upper()}", path)
+        label(ax, "fraction of zero weights", "test accuracy", f"digits, {name.upper()}")
+    save(figure, args.out / "accuracy_vs_sparsity.png")
 
 
 if __name__ == "__main__":

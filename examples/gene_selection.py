@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from common import Classifier, accuracy, label_and_save, pyplot, quiet_trainer
+from common import Classifier, accuracy, label, pyplot, quiet_trainer, save
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from sklearn.datasets import load_breast_cancer
@@ -98,6 +98,11 @@ def lassonet_path(x_train, y_train, x_test, y_test, hidden: int, seed: int) -> O
     return points
 
 
+def genes_key(method: str) -> str:
+    """The results column with the number of genes a method used (spred's is plain ``genes``)."""
+    return "genes" if method == "spred" else f"{method}_genes"
+
+
 def closest(points: list[tuple[int, float]], genes: int) -> tuple[int, float]:
     """The point of a path whose number of genes is closest to ``genes`` (ties: the larger accuracy)."""
     return min(points, key=lambda p: (abs(p[0] - genes), -p[1]))
@@ -157,7 +162,7 @@ def main() -> None:
     print(f"\nCross-validated test accuracy ({args.folds} folds), mean over folds:")
     print(f"{'lam':>8} " + " ".join(f"{m + ' genes':>18} {m + ' acc':>16}" for m in methods))
     for row in table:
-        cells = [(row["genes"] if m == "spred" else row[f"{m}_genes"], row[m]) for m in methods]
+        cells = [(row[genes_key(m)], row[m]) for m in methods]
         print(f"{row['lam']:>8g} " + " ".join(f"{genes:>18.1f} {acc:>16.3f}" for genes, acc in cells))
     with open(args.out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
@@ -192,13 +197,16 @@ def plot(table: list[dict], methods: list[str], args: argparse.Namespace) -> Non
     }
     figure, axes = pyplot().subplots(figsize=(6, 4))
     for method in methods:
-        genes = [row["genes"] if method == "spred" else row[f"{method}_genes"] for row in table]
+        genes = [row[genes_key(method)] for row in table]
         axes.plot(genes, [row[method] for row in table], marker="o", label=labels[method])
     axes.set_xscale("log")
-    label_and_save(
-        figure, axes, "selected genes (mean over folds)", "test accuracy (cross-validated)",
-        f"{args.dataset}: accuracy against genes used", args.out / "accuracy_vs_genes.png",
-    )  # fmt: skip
+    label(
+        axes,
+        "selected genes (mean over folds)",
+        "test accuracy (cross-validated)",
+        f"{args.dataset}: accuracy against genes used",
+    )
+    save(figure, args.out / "accuracy_vs_genes.png")
 
 
 if __name__ == "__main__":
