@@ -6,10 +6,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer, seed_everything
 from sklearn.datasets import load_diabetes
+from sklearn.linear_model import Lasso
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_spred import SpredCallback
 
 
 def quiet_trainer(**kwargs: Any) -> Trainer:
@@ -110,3 +113,25 @@ def wide_sparse_problem(n: int = 100, p: int = 1000, seed: int = 0) -> tuple[np.
 def full_batch(x: np.ndarray, y: np.ndarray) -> DataLoader:
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     return DataLoader(dataset, batch_size=len(dataset))
+
+
+def sklearn_lasso(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    """scikit-learn's exact Lasso solution, in float64 to a tight tolerance: the reference of the Lasso tests."""
+    solver = Lasso(alpha=alpha, fit_intercept=False, tol=1e-12, max_iter=100_000)
+    return solver.fit(x.astype(np.float64), y.astype(np.float64)).coef_
+
+
+def spred_lasso(x: np.ndarray, y: np.ndarray, alpha: float, optimizer: str, lr: float, steps: int, **trainer: Any):
+    """The weights of a linear model trained full-batch through SpredCallback at its defaults."""
+    seed_everything(0)
+    model = Regression(x.shape[1], optimizer=optimizer, lr=lr, steps=steps)
+    # nn.MSELoss is twice sklearn's data term, so lam = 2 * alpha.
+    callback = SpredCallback(lam=2 * alpha, verbose=False)
+    quiet_trainer(max_steps=steps, callbacks=[callback], **trainer).fit(model, full_batch(x, y))
+    return model.linear.weight.detach().double().numpy().ravel()
+
+
+def assert_same_lasso_solution(weights: np.ndarray, reference: np.ndarray) -> None:
+    """Exact zeros where the reference has zeros, nonzeros where it has nonzeros, coefficients within 1e-3."""
+    np.testing.assert_array_equal(weights != 0, reference != 0)
+    assert np.abs(weights - reference).max() <= 1e-3

@@ -3,6 +3,7 @@
 import csv
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_wandb_offline_run_holds_the_views_and_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lightning-spred-tests")
     model, callback, _ = fit_logged(tmp_path, logger, epochs=5)
-    run_dir = __import__("pathlib").Path(logger.experiment.dir).parent
+    run_dir = Path(logger.experiment.dir).parent
     logger.experiment.finish()
     # `finish` can return before wandb's service has written the last records of an offline run;
     # stopping the service waits for it to close the file.

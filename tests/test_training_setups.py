@@ -2,13 +2,19 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from helpers import MLP, Regression, classification_data, diabetes, full_batch, quiet_trainer
-from lightning.pytorch import Callback, LightningModule, seed_everything
+from helpers import (
+    MLP,
+    assert_same_lasso_solution,
+    classification_data,
+    diabetes,
+    quiet_trainer,
+    sklearn_lasso,
+    spred_lasso,
+)
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.plugins import MixedPrecision
-from sklearn.linear_model import Lasso
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -37,19 +43,12 @@ def test_accumulation_equals_the_large_batch():
 def test_mixed_precision_reaches_the_lasso_support(precision):
     x, y = diabetes()
     alpha = 0.02
-    reference = Lasso(alpha=alpha, fit_intercept=False, tol=1e-12, max_iter=100_000).fit(x, y).coef_
     if precision == "16-mixed":
         settings = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
     else:
         settings = {"precision": precision}
-    seed_everything(0)
-    model = Regression(x.shape[1], optimizer="sgd", lr=0.1, steps=4000)
-    quiet_trainer(max_steps=4000, callbacks=[SpredCallback(2 * alpha, verbose=False)], **settings).fit(
-        model, full_batch(x, y)
-    )
-    weights = model.linear.weight.detach().double().numpy().ravel()
-    np.testing.assert_array_equal(weights != 0, reference != 0)
-    assert np.abs(weights - reference).max() <= 1e-3
+    weights = spred_lasso(x, y, alpha, "sgd", lr=0.1, steps=4000, **settings)
+    assert_same_lasso_solution(weights, sklearn_lasso(x, y, alpha))
 
 
 class Overflow(MLP):
