@@ -1,27 +1,37 @@
 """Exact L1 and group-L1 penalties for any PyTorch Lightning model, with one callback (spred, ICML 2023)."""
 
 from lightning_spred.callback import SpredCallback
-from lightning_spred.factorization import Factorization, factorize, merge
+from lightning_spred.factorization import Factorization, Member
 from lightning_spred.groups import FeatureSelection, selected_features
+from lightning_spred.lam_max import lam_max
 from lightning_spred.metrics import Sparsity
+from lightning_spred.path import Path, PathPoint
 from lightning_spred.report import LayerSparsity, SparsityReport
-from lightning_spred.selection import DEFAULT_MODULES, Target, select_parameters
+from lightning_spred.schedules import Constant, GeometricRamp, LambdaSchedule, LamSchedule, Warmup
+from lightning_spred.selection import DEFAULT_MODULES, PenalisedParameter, select_parameters
 from lightning_spred.shrink import ShrinkResult, shrink
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODULES",
+    "Constant",
     "Factorization",
     "FeatureSelection",
+    "GeometricRamp",
+    "LamSchedule",
+    "LambdaSchedule",
     "LayerSparsity",
+    "Member",
+    "Path",
+    "PathPoint",
+    "PenalisedParameter",
     "ShrinkResult",
     "Sparsity",
     "SparsityReport",
     "SpredCallback",
-    "Target",
-    "factorize",
-    "merge",
+    "Warmup",
+    "lam_max",
     "select_parameters",
     "selected_features",
     "shrink",

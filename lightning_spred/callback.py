@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.optim import LBFGS, AdamW, Optimizer
-from torch.utils.hooks import RemovableHandle
 
-from lightning_spred.factorization import Factorization, factorize, merge
-from lightning_spred.functional import count_zeros, group_norms, penalty
+from lightning_spred.checks import (
+    check_coefficient,
+    check_groups,
+    check_modules,
+    check_optimizers,
+    check_patterns,
+    check_strategy,
+)
+from lightning_spred.factorization import Factorization, Member
+from lightning_spred.functional import threshold as threshold_tensor
 from lightning_spred.groups import FeatureSelection, selected_features
+from lightning_spred.lam_max import lam_max, side_effect_free
+from lightning_spred.optimizer_hooks import FactorStepper
+from lightning_spred.path import Path, PathPoint, PathRecorder
 from lightning_spred.report import SparsityReport, sparsity_report
-from lightning_spred.selection import DEFAULT_MODULES, GroupDim, SelectFn, Target, select_parameters
+from lightning_spred.schedules import LamSchedule
+from lightning_spred.selection import DEFAULT_MODULES, GroupDim, PenalisedParameter, SelectFn, select_parameters
+from lightning_spred.steering import Steering
 from lightning_spred.wandb_views import log_layer_views, write_summary
 
 __all__ = ["SpredCallback"]
@@ -29,103 +36,154 @@ __all__ = ["SpredCallback"]
 class SpredCallback(Callback):
     r"""Train any LightningModule with an exact L1 penalty ``lam * sum|w|`` on the chosen weights.
 
-    Each chosen weight is written as ``w = u * v`` when fitting starts (``u = w``, ``v = 1``, so the model's
-    function is unchanged) and weight decay ``lam`` is applied to ``u`` and ``v`` as a gradient, once per
-    optimizer step. The minima of this problem are exactly those of ``loss + lam * sum|w|`` (Ziyin & Wang,
-    "spred: Solving L1 Penalty with SGD", ICML 2023). When fitting ends (or fails), every weight is merged
-    back into a plain ``nn.Parameter`` with the same name, and entries with ``|w| <= threshold`` become exact
-    zeros: the model that leaves ``fit`` is your own model, only sparse.
+    Each chosen weight is trained as ``w = u * v`` with weight decay ``lam`` on ``u`` and ``v``, applied as a gradient
+    once per optimizer step; the minima are exactly those of ``loss + lam * sum|w|`` (Ziyin & Wang, "spred: Solving
+    L1 Penalty with SGD", ICML 2023). With ``groups``, one factor is shared by all entries of a group (a column, a
+    row, a channel) and the penalty is the group lasso ``lam * sum_g ||w_g||_2``, which zeroes whole groups.
 
     With ``nn.MSELoss`` (``1/n ||y - Xw||^2``) a linear model trained with ``SpredCallback(lam)`` has the
     minimiser of scikit-learn's ``Lasso(alpha=lam / 2)`` (whose data term is ``1/(2n) ||y - Xw||^2``).
 
-    With ``groups``, one factor is shared by all entries of a group (a column, a row, a channel) and the
-    penalty becomes the group lasso ``lam * sum_g ||w_g||_2``, which zeroes whole groups.
+    The model is never changed structurally: its weights keep their names and ``nn.Parameter`` objects, its
+    ``parameters()``, optimizer parameter groups, checkpoints and summaries are those of the plain model. The
+    factors live in this callback and take the weights' place inside the optimizer only while it steps (see
+    :mod:`lightning_spred.optimizer_hooks`). After every step the weights are ``u * v`` with entries
+    ``|w| <= threshold`` (groups: ``||w_g|| <= threshold``) exactly zero, so training, validation, checkpoints and
+    the model that leaves ``fit`` all use the sparse weights that are kept.
 
-    How it trains: the forward and backward passes use the plain weight ``w``. Just before each optimizer
-    step, ``w.grad`` (already unscaled under AMP, clipped if clipping is on, and all-reduced under DDP) is
-    turned into the gradients of ``u`` and ``v`` plus ``lam * u`` and ``lam * v``; just after the step
-    ``w`` is set to ``u * v``. The optimizer you configure updates ``u`` and ``v``, so build it from
-    ``self.parameters()`` (or a submodule's ``parameters()``): the factors are registered beside each
-    weight while fitting, as ``<name>__spred_u`` and ``<name>__spred_v``. Checkpoints never hold them:
-    every checkpoint has the plain model's keys (loadable with strict loading into the model without
-    this callback) and the exact factors are kept in this callback's own state for resuming.
+    Steering ``lam``: it may be a number (changing ``callback.lam`` during fit takes effect at the next step), a
+    :class:`~lightning_spred.schedules.LamSchedule` (warm-up, geometric ramp, any function of the step), or left out
+    with a target (``target_sparsity`` or ``target_groups``), which raises ``lam`` from ``lam_max * 1e-3`` until the
+    target is met and then holds it, keeping the zeros. ``refit_fraction`` ends the fit with an un-penalised
+    fine-tune that keeps the zeros.
 
-    What it logs, through ``LightningModule.log`` so every logger gets it, at the trainer's
-    ``log_every_n_steps`` and at each training epoch's end: ``spred/sparsity`` (all penalised weights, also
-    in the progress bar), ``spred/sparsity/<name>`` per weight, ``spred/nonzeros`` and ``spred/penalty``
-    (``lam * sum|w|``). With a ``WandbLogger`` it also logs a per-layer sparsity bar chart and histograms of
-    ``log10|w|`` at each epoch's end, and the final sparsity and compression in the run summary. When
-    fitting ends, a per-layer table is printed (rank zero) and kept: see :meth:`report`.
+    What it logs, through ``LightningModule.log`` so every logger gets it, every ``log_every_n_steps`` steps:
+    ``spred/sparsity`` (also in the progress bar), ``spred/sparsity/<name>`` per weight, ``spred/nonzeros``,
+    ``spred/penalty``, ``spred/lam`` and ``spred/balance`` (1: the factors are balanced and the penalty acts as L1;
+    towards 0: it still acts like L2 decay), and ``spred/groups/<name>`` for grouped weights. With a ``WandbLogger``
+    it also logs histograms of ``log10|w|`` and, at the end, a per-layer sparsity chart and the final figures in the
+    run summary. When fitting ends, a per-layer table is printed (rank zero) and kept: see :meth:`report`.
 
     Args:
-        lam: the L1 coefficient (``>= 0``).
-        threshold: entries with ``|w| <= threshold`` (for grouped weights: whole groups with
-            ``||w_g|| <= threshold``) are exact zeros in the merged model, in checkpoints and in the logged
-            sparsity. Zeroed weights decay towards 0 exponentially (about ``2 * lr * lam``
-            per step) but never reach it exactly; raise the threshold for short or noisy runs.
-        modules: module types whose ``weight`` is penalised.
-        include: name patterns (shell-style, ``*`` matches dots) of further parameters to penalise,
-            matched against ``named_parameters()``.
+        lam: the L1 coefficient (``>= 0``), or a schedule; may be left out when a target is given.
+        threshold: magnitude at or below which entries (or groups) are exact zeros. Switched-off weights decay
+            towards 0 exponentially but never reach it; raise it for short or noisy runs of deep networks (``1e-3``).
+        modules: module types whose ``weight`` is penalised (default: ``Linear`` and ``Conv1d/2d/3d``, unless
+            ``groups`` is given, in which case only the weights that ``groups`` and ``include`` name are penalised).
+        include: name patterns (shell-style, ``*`` matches dots) of further parameters to penalise.
         exclude: name patterns of parameters never penalised.
         select: a function ``(name, module, parameter) -> bool`` that replaces ``modules`` and ``include``.
-        lam_overrides: name pattern to ``lam`` for parameters with their own coefficient.
+        lam_overrides: name pattern to a fixed ``lam`` of its own (not scheduled and not steered by a target).
         groups: name pattern to group dimension: ``"input"`` (dim 1: input features of a ``Linear``, input
             channels of a conv), ``"output"`` (dim 0: neurons, filters), an integer dimension, or ``None``.
+        target_sparsity: raise ``lam`` until this fraction of the penalised weights is zero, then hold.
+        target_groups: raise ``lam`` until at most this many groups are in use, then hold.
+        refit_fraction: the fraction of the training steps, at the end, trained without penalty, zeros kept.
+        lam_max: the ``lam_max`` that relative schedules and targets scale with; by default it is computed from the
+            first training batch (``max_g ||dL/dw_g||`` at ``w_g = 0``, one forward and backward pass per weight).
+        record_path: record path points: ``True`` at every validation end (every epoch end without validation),
+            an integer ``n`` every ``n`` optimizer steps. See :attr:`path` and :meth:`restore`.
+        path_dir: save the path's snapshots there instead of keeping them in memory.
         verbose: print which parameters are penalised when fitting starts (rank zero only).
+        print_report: print the per-layer sparsity table when fitting ends (rank zero only).
 
     Raises:
-        TypeError: ``lam``, ``threshold`` or an override is not a real number, or ``modules`` holds a non-module type.
-        ValueError: ``lam`` or ``threshold`` is negative, NaN or infinite.
+        TypeError: an argument has the wrong type.
+        ValueError: an argument has an invalid value.
 
     Example:
-        >>> from lightning.pytorch import Trainer
         >>> callback = SpredCallback(lam=1e-4)
+        >>> targeted = SpredCallback(groups={"net.0.weight": "input"}, target_groups=10, refit_fraction=0.2)
+        >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[callback], max_epochs=1, logger=False)  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        lam: float,
+        lam: Union[float, LamSchedule, None] = None,
         *,
         threshold: float = 1e-6,
-        modules: Sequence[type[nn.Module]] = DEFAULT_MODULES,
+        modules: Optional[Union[type[nn.Module], Sequence[type[nn.Module]]]] = None,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         select: Optional[SelectFn] = None,
         lam_overrides: Optional[Mapping[str, float]] = None,
         groups: Optional[Mapping[str, GroupDim]] = None,
+        target_sparsity: Optional[float] = None,
+        target_groups: Optional[int] = None,
+        refit_fraction: float = 0.0,
+        lam_max: Optional[float] = None,
+        record_path: Union[bool, int] = False,
+        path_dir: Optional[str] = None,
         verbose: bool = True,
+        print_report: bool = True,
     ) -> None:
-        self.lam = _check_coefficient("lam", lam)
-        self.threshold = _check_coefficient("threshold", threshold)
+        if lam is None and target_sparsity is None and target_groups is None:
+            raise ValueError(
+                "Give `lam` (a number or a schedule), or a target: `target_sparsity=` or `target_groups=`."
+            )
+        self.lam = lam if isinstance(lam, LamSchedule) or lam is None else check_coefficient("lam", lam)
+        self.threshold = check_coefficient("threshold", threshold)
         self.lam_overrides = {
-            k: _check_coefficient(f"lam_overrides[{k!r}]", v) for k, v in (lam_overrides or {}).items()
+            k: check_coefficient(f"lam_overrides[{k!r}]", v) for k, v in (lam_overrides or {}).items()
         }
-        self.modules = tuple(modules)
-        if not all(isinstance(m, type) and issubclass(m, nn.Module) for m in self.modules):
-            raise TypeError(f"`modules` must hold nn.Module subclasses such as nn.Linear, got {modules!r}.")
-        self.include = _check_patterns("include", include)
-        self.exclude = _check_patterns("exclude", exclude)
+        self.groups = check_groups(groups or {})
+        self.modules = check_modules(DEFAULT_MODULES if modules is None and not self.groups else modules or ())
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
         if select is not None and not callable(select):
             raise TypeError(f"`select` must be a function (name, module, parameter) -> bool, got {select!r}.")
         if select is not None and self.include:
             raise ValueError("Give either `select` or `include`, not both: `select` alone decides when given.")
         self.select = select
-        self.groups = dict(groups or {})
+        if target_sparsity is not None and target_groups is not None:
+            raise ValueError("Give one target: `target_sparsity` or `target_groups`, not both.")
+        if target_sparsity is not None and not 0 < check_coefficient("target_sparsity", target_sparsity) < 1:
+            raise ValueError(f"`target_sparsity` is a fraction of zero weights in (0, 1), got {target_sparsity}.")
+        if target_groups is not None and (isinstance(target_groups, bool) or not isinstance(target_groups, int)):
+            raise TypeError(f"`target_groups` must be a whole number of groups, got {target_groups!r}.")
+        if target_groups is not None and target_groups < 0:
+            raise ValueError(f"`target_groups` must be >= 0, got {target_groups}.")
+        if target_groups is not None and not self.groups:
+            raise ValueError(
+                "`target_groups` counts groups: also give `groups=` (for example {'net.0.weight': 'input'})."
+            )
+        if not 0 <= check_coefficient("refit_fraction", refit_fraction) < 1:
+            raise ValueError(f"`refit_fraction` must be in [0, 1), got {refit_fraction}.")
+        self.lam_max = None if lam_max is None else check_coefficient("lam_max", lam_max)
+        if isinstance(record_path, bool) or not isinstance(record_path, int) or record_path < 1:
+            if record_path is not True and record_path is not False:
+                raise ValueError(f"`record_path` must be True, False or a number of steps >= 1, got {record_path!r}.")
+        self.record_path = record_path
+        self.path_dir = path_dir
         self.verbose = verbose
-        self._factorizations: list[Factorization] = []
-        self._optimizer_hooks: list[RemovableHandle] = []
-        self._ddp_ignore_before: Optional[list[str]] = None
-        self._ddp_root: Optional[nn.Module] = None
+        self.print_report = print_report
+        self.steering = Steering(self.lam, target_sparsity, target_groups, float(refit_fraction))
+        self._terms: list[Factorization] = []
+        self._scheduled: set[int] = set()
+        self._steppers: list[FactorStepper] = []
+        self._stash: dict[str, Any] = {}
+        self._recorder = PathRecorder(path_dir)
         self._report: Optional[SparsityReport] = None
-        self._grouped: dict[str, tuple[nn.Parameter, int]] = {}
+        self._model: Optional[nn.Module] = None
+        self._last_epoch_log = -1
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            include=self.include, exclude=self.exclude, groups=self.groups, modules=[m.__name__ for m in self.modules]
+        )
 
     @property
     def factorizations(self) -> list[Factorization]:
-        """The weights factorised in the current fit (empty outside ``fit``)."""
-        return list(self._factorizations)
+        """The penalty terms of the current (or last) fit."""
+        return list(self._terms)
+
+    @property
+    def path(self) -> Path:
+        """The recorded path points (see ``record_path``), oldest first."""
+        return self._recorder.points
 
     def report(self) -> SparsityReport:
         """Per-layer parameters, nonzeros, sparsity and compression of the model the last fit returned.
@@ -138,42 +196,52 @@ class SpredCallback(Callback):
         return self._report
 
     def selected_features(
-        self, parameter: Optional[str] = None, names: Optional[Sequence[str]] = None
+        self, parameter: Optional[str] = None, names: Optional[Sequence[str]] = None, k: Optional[int] = None
     ) -> FeatureSelection:
-        """The groups (input features, neurons, channels) a grouped weight still uses after the last fit.
+        """The groups (input features, neurons, channels) of a grouped weight that are in use.
 
         Args:
             parameter: name of a weight penalised with ``groups``; may be left out when there is only one.
             names: one name per group (for example gene names, for ``"input"`` groups).
+            k: exactly ``k`` groups, the last ``k`` to leave the path (a schedule or target raised ``lam``), else
+                the ``k`` with the largest norms.
 
         Raises:
-            RuntimeError: no fit with groups has ended yet.
+            RuntimeError: no fit with groups has happened yet.
             ValueError: ``parameter`` is not a grouped weight, or is needed to choose among several.
         """
-        if not self._grouped:
-            raise RuntimeError("No fit with `groups=` has ended yet: fit with SpredCallback(..., groups={...}) first.")
-        if parameter is None and len(self._grouped) > 1:
-            raise ValueError(
-                f"Several weights have groups: choose one with `parameter=`, one of {list(self._grouped)}."
+        grouped = {f.name: f for f in self._terms if f.grouped}
+        if not grouped:
+            raise RuntimeError(
+                "No fit with `groups=` has happened yet: fit with SpredCallback(..., groups={...}) first."
             )
-        parameter = parameter or next(iter(self._grouped))
-        if parameter not in self._grouped:
-            raise ValueError(f"`{parameter}` was not penalised with groups; grouped weights: {list(self._grouped)}.")
-        weight, dim = self._grouped[parameter]
-        return selected_features(weight, dim, names)
+        if parameter is None and len(grouped) > 1:
+            raise ValueError(f"Several weights have groups: choose one with `parameter=`, one of {list(grouped)}.")
+        parameter = parameter or next(iter(grouped))
+        if parameter not in grouped:
+            raise ValueError(f"`{parameter}` was not penalised with groups; grouped weights: {list(grouped)}.")
+        f = grouped[parameter]
+        return selected_features(f.weights[0], f.dims[0], names, k, self._recorder.exit_lam.get(parameter))
+
+    def restore(self, point: PathPoint, model: Optional[nn.Module] = None) -> None:
+        """Load a path point's snapshot into the fitted model (or ``model``).
+
+        Raises:
+            RuntimeError: no model to restore into, or the point has no snapshot.
+        """
+        model = model if model is not None else self._model
+        if model is None or point.snapshot is None:
+            raise RuntimeError("Nothing to restore: fit with `record_path=` first, or pass `model=`.")
+        state = torch.load(point.snapshot) if isinstance(point.snapshot, str) else point.snapshot
+        model.load_state_dict(state)
 
     # ----------------------------------------------------------------------------------------------
     # Overridable choices
     # ----------------------------------------------------------------------------------------------
-    def select_parameters(self, pl_module: LightningModule) -> list[Target]:
-        """Choose the parameters to penalise; override to choose differently.
-
-        Returns:
-            One :class:`~lightning_spred.selection.Target` per parameter, with its ``lam`` and group dimension.
-        """
+    def select_parameters(self, pl_module: LightningModule) -> list[PenalisedParameter]:
+        """Choose the parameters to penalise; override to choose differently."""
         return select_parameters(
             pl_module,
-            lam=self.lam,
             modules=self.modules,
             include=self.include,
             exclude=self.exclude,
@@ -185,139 +253,281 @@ class SpredCallback(Callback):
     def compute_metrics(self) -> dict[str, Tensor]:
         """The values logged during training; override to add or change them.
 
-        Computed from the weights the model would leave ``fit`` with now (``u * v``, thresholded) on this
-        process: every rank holds the same weights under DDP, so no synchronisation is needed.
-        Grouped weights also report ``spred/groups/<name>``, the number of groups (features, neurons,
-        channels) still in use.
+        Computed from the model's weights, which are the sparse ones (every rank holds the same under DDP).
         """
         metrics: dict[str, Tensor] = {}
-        zeros, total, value = 0, 0, 0
-        for f in self._factorizations:
-            weight = f.sparse_weight()
-            layer_zeros = count_zeros(weight)
-            metrics[f"spred/sparsity/{f.path}"] = layer_zeros / weight.numel()
-            if f.dim is not None:
-                metrics[f"spred/groups/{f.path}"] = (group_norms(weight, f.dim) > 0).sum().float()
-            zeros, total, value = zeros + layer_zeros, total + weight.numel(), value + penalty(weight, f.lam, f.dim)
-        metrics["spred/nonzeros"] = torch.as_tensor(total - zeros, dtype=torch.float32)
-        metrics["spred/penalty"] = torch.as_tensor(value, dtype=torch.float32)
-        metrics["spred/sparsity"] = torch.as_tensor(zeros / total, dtype=torch.float32)
+        zeros, total, value, balances = 0, 0, 0.0, []
+        for f in self._terms:
+            for member, weight in zip(f.members, f.weights):
+                layer_zeros = int((weight == 0).sum())
+                metrics[f"spred/sparsity/{member.path}"] = torch.tensor(layer_zeros / weight.numel())
+                zeros, total = zeros + layer_zeros, total + weight.numel()
+            norms = f.norms()
+            if f.grouped:
+                metrics[f"spred/groups/{f.name}"] = (norms > 0).sum().float()
+            value += f.lam * float(norms.sum())
+            if f.started:
+                balances.append(float(f.balance()))
+        metrics["spred/nonzeros"] = torch.tensor(float(total - zeros))
+        metrics["spred/penalty"] = torch.tensor(value)
+        metrics["spred/lam"] = torch.tensor(self._scheduled_lam())
+        metrics["spred/balance"] = torch.tensor(sum(balances) / len(balances) if balances else 1.0)
+        metrics["spred/sparsity"] = torch.tensor(zeros / max(total, 1))
         return metrics
 
     # ----------------------------------------------------------------------------------------------
     # Lightning hooks
     # ----------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        _check_strategy(trainer)
-        self._merge()  # a previous fit that ended outside Lightning's hooks must not leave factors behind
-        targets = self.select_parameters(pl_module)
-        if not targets:
-            raise ValueError(
-                f"SpredCallback found nothing to penalise in {type(pl_module).__name__}: no trainable `weight` of"
-                f" {[m.__name__ for m in self.modules]} and no parameter matching `include`. Choose parameters"
-                " with `modules=`, `include=[...]` or `select=`."
-            )
-        self._factorizations = [
-            factorize(t.module, t.name, t.path, lam=t.lam, dim=t.dim, threshold=self.threshold) for t in targets
-        ]
-        self._ignore_factors_in_ddp(pl_module)
-        if self.verbose:
-            count = sum(f.weight.numel() for f in self._factorizations)
-            rank_zero_info(
-                f"SpredCallback: L1 penalty on {len(targets)} parameters ({count:,} weights):"
-                f" {', '.join(t.path for t in targets)}"
-            )
+        if stage == "fit":
+            check_strategy(trainer)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._detach()
+        self._terms, self._model, self._report = [], pl_module, None
         try:
-            by_optimizer = _assign_to_optimizers(self._factorizations, trainer.optimizers)
-            _check_optimizers(trainer, by_optimizer)
-        except Exception:
-            self._merge(threshold=0.0)  # nothing was trained: give the model back exactly as it was
-            raise
-        self._broadcast_factors()
-        for optimizer, factorizations in by_optimizer.items():
-            self._optimizer_hooks += [
-                optimizer.register_step_pre_hook(_to_factor_gradients(factorizations)),
-                optimizer.register_step_post_hook(_refresh_weights(factorizations)),
+            chosen = self.select_parameters(pl_module)
+            if not chosen:
+                raise ValueError(self._nothing_to_penalise(pl_module))
+            self._check_other_callbacks(trainer, chosen)
+            self._terms = [
+                Factorization([Member(p.module, p.name, p.path, p.dim)], self._lam_of(p), self.threshold)
+                for p in chosen
             ]
+            self._scheduled = {id(f) for f, p in zip(self._terms, chosen) if p.lam is None}
+            self._check_stash()
+            check_optimizers(trainer, trainer.optimizers, self._terms)
+        except Exception:
+            self._terms = []
+            raise
+        self._steppers = [FactorStepper(opt, self._terms, self._start) for opt in trainer.optimizers]
+        self.steering.begin(int(trainer.estimated_stepping_batches))
+        if self.lam_max is not None:
+            self.steering.lam_max = self.lam_max
+        self._last_epoch_log = trainer.global_step - 1
+        self._log_hyperparameters(trainer)
+        if self.verbose:
+            count = sum(w.numel() for f in self._terms for w in f.weights)
+            rank_zero_info(
+                f"SpredCallback: penalty on {len(self._terms)} parameters ({count:,} weights):"
+                f" {', '.join(f.name for f in self._terms)}"
+            )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.steering.needs_lam_max:
+            self.steering.lam_max = self._compute_lam_max(trainer, pl_module, batch, batch_idx)
+        lam = self.steering.value(trainer.global_step, trainer.current_epoch)
+        for f in self._scheduled_terms():
+            f.lam = lam
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not self._terms:
+            return
+        scheduled = self._scheduled_terms()
+        lam = self._scheduled_lam()
+        self._recorder.track(scheduled, lambda f: f.lam)
+        if self.steering.has_target or self.steering.refit_fraction:
+            zeros = sum(int((w == 0).sum()) for f in scheduled for w in f.weights)
+            total = sum(w.numel() for f in scheduled for w in f.weights)
+            groups = sum(int((f.norms() > 0).sum()) for f in scheduled if f.grouped) if self.groups else None
+            phase = self.steering.observe(trainer.global_step, lam, zeros / max(total, 1), groups)
+            if phase is not None:
+                self._enter(phase, trainer)
+        if isinstance(self.record_path, int) and not isinstance(self.record_path, bool):
+            if trainer.global_step % self.record_path == 0:
+                self._record(trainer, pl_module)
         # Computed only when Lightning will write to the loggers (as LearningRateMonitor does), to keep steps cheap.
-        if self._factorizations and trainer._logger_connector.should_update_logs:
+        if trainer._logger_connector.should_update_logs:
             self._log(pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._factorizations:
+        if not self._terms:
             return
+        if self.record_path is True and not trainer.val_dataloaders:
+            self._record(trainer, pl_module)
+        # With short epochs (full-batch training) logging at every epoch end would cost more than the steps.
+        due = trainer.global_step - self._last_epoch_log >= max(trainer.log_every_n_steps, 1)
+        if not (due or _last_epoch(trainer)):
+            return
+        self._last_epoch_log = trainer.global_step
         self._log(pl_module, on_step=False)
         for experiment in _wandb_runs(trainer):
-            weights = [(f.path, f.sparse_weight()) for f in self._factorizations]
-            log_layer_views(experiment, sparsity_report(weights), weights, trainer.global_step)
+            log_layer_views(experiment, self._named_weights(), trainer.global_step)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._terms and self.record_path is True and not trainer.sanity_checking:
+            self._record(trainer, pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit" or not self._factorizations:
+        if stage != "fit" or not self._terms:
             return
         self._merge()
-        if self.verbose:
+        if self.steering.has_target and self.steering.reached_step is None:
+            rank_zero_warn(
+                f"SpredCallback did not reach its target ({self._target_text()}) in {trainer.global_step} steps:"
+                " train longer, or give a schedule that reaches a larger `lam`.",
+                category=UserWarning,
+            )
+        if self.print_report:
             rank_zero_info(f"SpredCallback: sparsity of the penalised weights\n{self.report()}")
         for experiment in _wandb_runs(trainer):
             write_summary(experiment, self.report())
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning skips `teardown` when fit raises or is interrupted: merge here so the user keeps a plain model.
-        self._merge()
+        if self._terms:
+            self._merge()
 
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        written_with_spred = self.state_key in checkpoint.get("callbacks", {})
-        if self._factorizations and not written_with_spred and "optimizer_states" in checkpoint:
-            self._merge(threshold=0.0)
-            raise ValueError(
-                "This checkpoint was written without SpredCallback: its optimizer state has no entries for the"
-                " spred factors, so training cannot resume from it. To fine-tune a dense model into a sparse one,"
-                " load its weights (`model = MyModel.load_from_checkpoint(path)`) and call `trainer.fit(model)`"
-                " without `ckpt_path`."
-            )
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The weights are kept sparse after every step; a weight averaging callback may have put its average here.
+        state = checkpoint.get("state_dict", {})
+        for f in self._terms:
+            for member in f.members:
+                if member.path in state and f.started:
+                    state[member.path] = threshold_tensor(state[member.path], f.threshold, member.dim)
 
     def state_dict(self) -> dict[str, Any]:
+        factors = {f.name: f.state() for f in self._terms if f.started}
+        unstarted = {name: value for name, value in self._stash.items() if name not in factors}
         return {
-            "factors": {f.path: {"u": f.u.detach().clone(), "v": f.v.detach().clone()} for f in self._factorizations}
+            "factors": {**unstarted, **factors},
+            "steering": self.steering.state_dict(),
+            "path": self._recorder.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        factors = state_dict.get("factors", {})
-        for f in self._factorizations:
-            if f.path not in factors:
-                continue  # a weight penalised now but not then starts from the checkpoint's plain weight
-            u, v = factors[f.path]["u"], factors[f.path]["v"]
-            if u.shape != f.u.shape or v.shape != f.v.shape:
-                raise ValueError(
-                    f"The checkpoint's spred factors for `{f.path}` have shapes {tuple(u.shape)}, {tuple(v.shape)}"
-                    f" but the model needs {tuple(f.u.shape)}, {tuple(f.v.shape)}: the model or its `groups`"
-                    " changed since the checkpoint was written. Resume with the same settings, or load the"
-                    " checkpoint's weights into the model and fit without `ckpt_path`."
-                )
-            f.set_factors(u.to(f.u.device), v.to(f.v.device))
+        # Applied when each term starts: the factors are created at its first optimizer step.
+        self._stash = dict(state_dict.get("factors", {}))
+        self.steering.load_state_dict(state_dict.get("steering", {}))
+        self._recorder.load_state_dict(state_dict.get("path", {}))
 
     # ----------------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------------
-    def _merge(self, threshold: Optional[float] = None) -> None:
-        for handle in self._optimizer_hooks:
-            handle.remove()
-        self._optimizer_hooks.clear()
-        if not self._factorizations:
+    def _lam_of(self, parameter: PenalisedParameter) -> float:
+        if parameter.lam is not None:
+            return parameter.lam
+        return self.lam if isinstance(self.lam, float) else 0.0  # a schedule sets it before every step
+
+    def _scheduled_terms(self) -> list[Factorization]:
+        """The terms that follow ``lam`` (all but those with a fixed ``lam_overrides`` coefficient)."""
+        return [f for f in self._terms if id(f) in self._scheduled]
+
+    def _scheduled_lam(self) -> float:
+        scheduled = self._scheduled_terms()
+        return scheduled[0].lam if scheduled else 0.0
+
+    def _start(self, f: Factorization) -> None:
+        saved = self._stash.pop(f.name, None)
+        if saved is None:
+            f.start()
             return
-        for f in self._factorizations:
-            merge(f, threshold)
-        self._grouped = {f.path: (f.weight, f.dim) for f in self._factorizations if f.dim is not None}
-        self._report = sparsity_report((f.path, f.weight) for f in self._factorizations)
-        self._factorizations.clear()
-        self._restore_ddp_ignore()
+        f.start((saved["u"], saved["v"]))
+        f.optimizer_state = saved.get("optimizer")
+
+    def _check_stash(self) -> None:
+        shapes = {f.name: [tuple(w.shape) for w in f.weights] for f in self._terms}
+        for name, saved in self._stash.items():
+            if name in shapes and [tuple(u.shape) for u in saved["u"]] != shapes[name]:
+                raise ValueError(
+                    f"The checkpoint's spred factors for `{name}` have shapes {[tuple(u.shape) for u in saved['u']]}"
+                    f" but the model's weights have {shapes[name]}: the model changed since the checkpoint was"
+                    " written. Resume with the same model, or load the checkpoint's weights and fit without"
+                    " `ckpt_path`."
+                )
+        gone = sorted(set(self._stash) - set(shapes))
+        new = sorted(set(shapes) - set(self._stash)) if self._stash else []
+        if gone or new:
+            rank_zero_warn(
+                f"Resuming with a different choice of penalised weights: no longer penalised {gone or 'none'}, newly"
+                f" penalised {new or 'none'} (these start from the checkpoint's weights). If this is not what you"
+                " meant, resume with the `include`/`exclude`/`groups` the checkpoint was written with.",
+                category=UserWarning,
+            )
+            for name in gone:
+                del self._stash[name]
+
+    def _check_other_callbacks(self, trainer: Trainer, chosen: list[PenalisedParameter]) -> None:
+        mine = {id(p.module._parameters[p.name]): p.path for p in chosen}
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, SpredCallback):
+                continue
+            shared = [mine[id(w)] for f in other._terms for w in f.weights if id(w) in mine]
+            if shared:
+                raise ValueError(
+                    f"Two SpredCallbacks penalise {shared}: give each its own parameters (`include`/`exclude`), or"
+                    " use one callback with `lam_overrides` for different coefficients."
+                )
+
+    def _enter(self, phase: str, trainer: Trainer) -> None:
+        # Entering hold or refit: groups that are zero now stay zero (their factors and moments are zeroed).
+        terms = self._scheduled_terms() if phase == "hold" else self._terms
+        for f in terms:
+            if f.started:
+                f.keep_zeros()
+        if phase == "refit":
+            for f in self._terms:
+                f.lam = 0.0
+        rank_zero_info(f"SpredCallback: step {trainer.global_step}, {phase} phase ({self._target_text()}).")
+
+    def _target_text(self) -> str:
+        if self.steering.target_sparsity is not None:
+            return f"target_sparsity={self.steering.target_sparsity}"
+        if self.steering.target_groups is not None:
+            return f"target_groups={self.steering.target_groups}"
+        return f"refit_fraction={self.steering.refit_fraction}"
+
+    def _compute_lam_max(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> float:
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "SpredCallback computes `lam_max` from a training step, which manual optimization cannot run"
+                " without stepping: give `lam_max=` (or an absolute schedule) instead."
+            )
+
+        def loss() -> Tensor:
+            output = pl_module.training_step(batch, batch_idx)
+            return output["loss"] if isinstance(output, Mapping) else output
+
+        def mean(grad: Tensor) -> Tensor:
+            return trainer.strategy.reduce(grad, reduce_op="mean")
+
+        terms = self._scheduled_terms()
+        with side_effect_free(pl_module):
+            values = [lam_max(loss, f.weights, f.dims[0], reduce=mean) for f in terms]
+        value = max(values)
+        rank_zero_info(f"SpredCallback: lam_max = {value:.4g} (largest of {len(values)} weights), from one batch.")
+        return value
+
+    def _record(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        point = self._recorder.record(
+            pl_module,
+            trainer.global_step,
+            trainer.current_epoch,
+            self._scheduled_lam(),
+            self._terms,
+            dict(trainer.callback_metrics),
+        )
+        values = {"spred/path/lam": point.lam, "spred/path/nonzeros": float(point.nonzeros)}
+        values.update({f"spred/path/groups/{name}": float(count) for name, count in point.groups.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    def _merge(self) -> None:
+        self._detach()
+        for f in self._terms:
+            if f.started:
+                f.zero_small()  # the weights are sparse already, unless weight averaging just replaced them
+        self._report = sparsity_report(self._named_weights())
+
+    def _detach(self) -> None:
+        for stepper in self._steppers:
+            stepper.detach()
+        self._steppers = []
+
+    def _named_weights(self) -> list[tuple[str, Tensor]]:
+        return [(m.path, m.weight) for f in self._terms for m in f.members]
 
     def _log(self, pl_module: LightningModule, on_step: bool) -> None:
         metrics = self.compute_metrics()
@@ -325,29 +535,37 @@ class SpredCallback(Callback):
         pl_module.log("spred/sparsity", sparsity, prog_bar=True, on_step=on_step, on_epoch=not on_step)
         pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step)
 
-    def _ignore_factors_in_ddp(self, pl_module: LightningModule) -> None:
-        # The factors take no part in the forward pass: DDP must neither all-reduce nor wait for their gradients.
-        # Their gradients are computed from the already all-reduced `w.grad`, identically on every rank.
-        self._ddp_ignore_before = getattr(pl_module, "_ddp_params_and_buffers_to_ignore", None)
-        self._ddp_root = pl_module
-        names = [name for f in self._factorizations for name in f.factor_paths]
-        pl_module._ddp_params_and_buffers_to_ignore = [*(self._ddp_ignore_before or []), *names]
+    def _log_hyperparameters(self, trainer: Trainer) -> None:
+        lam = self.lam.hparams() if isinstance(self.lam, LamSchedule) else self.lam
+        values = {
+            "spred/lam": lam,
+            "spred/threshold": self.threshold,
+            "spred/groups": dict(self.groups),
+            "spred/lam_overrides": dict(self.lam_overrides),
+            "spred/target_sparsity": self.steering.target_sparsity,
+            "spred/target_groups": self.steering.target_groups,
+            "spred/refit_fraction": self.steering.refit_fraction,
+            "spred/penalised": [f.name for f in self._terms],
+        }
+        for logger in trainer.loggers:
+            logger.log_hyperparams(values)
 
-    def _restore_ddp_ignore(self) -> None:
-        root, self._ddp_root = self._ddp_root, None
-        if self._ddp_ignore_before is None:
-            del root._ddp_params_and_buffers_to_ignore
-        else:
-            root._ddp_params_and_buffers_to_ignore = self._ddp_ignore_before
+    def _nothing_to_penalise(self, pl_module: LightningModule) -> str:
+        return (
+            f"SpredCallback found nothing to penalise in {type(pl_module).__name__}: no `weight` of"
+            f" {[m.__name__ for m in self.modules]} and no parameter matching `include`/`groups`"
+            + (f" outside `exclude={list(self.exclude)}`" if self.exclude else "")
+            + ". Choose parameters with `modules=`, `include=[...]`, `groups=` or `select=`."
+        )
 
-    def _broadcast_factors(self) -> None:
-        # DDP broadcasts `w` from rank 0 but not the ignored factors: send them too, so every rank holds the same.
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        for f in self._factorizations:
-            dist.broadcast(f.u.data, src=0)
-            dist.broadcast(f.v.data, src=0)
-            f.refresh_weight()
+
+def _last_epoch(trainer: Trainer) -> bool:
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    return (
+        trainer.should_stop
+        or (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs)
+        or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps)
+    )
 
 
 def _wandb_runs(trainer: Trainer) -> list[Any]:
@@ -355,124 +573,3 @@ def _wandb_runs(trainer: Trainer) -> list[Any]:
     return [
         logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger) and trainer.is_global_zero
     ]
-
-
-def _to_factor_gradients(factorizations: list[Factorization]) -> Any:
-    def convert() -> None:
-        with torch.no_grad():
-            for f in factorizations:
-                f.accumulate_factor_gradients()
-
-    # With a closure (Lightning's automatic optimization, manual `opt.step()`), the backward pass, AMP unscaling
-    # and clipping all happen inside `optimizer.step`: convert once the closure has run. Without one (AMP's
-    # `scaler.step`, plain PyTorch) the gradients are final already.
-    def hook(optimizer: Optimizer, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-        # `args` starts with the optimizer itself: `step(self, closure=None)`.
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            convert()
-            return None
-
-        def closure_then_convert() -> Any:
-            result = closure()
-            convert()
-            return result
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_convert}
-        return (args[0], closure_then_convert, *args[2:]), kwargs
-
-    return hook
-
-
-def _refresh_weights(factorizations: list[Factorization]) -> Any:
-    def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        for f in factorizations:
-            f.refresh_weight()
-
-    return hook
-
-
-def _assign_to_optimizers(
-    factorizations: list[Factorization], optimizers: Sequence[Optimizer]
-) -> dict[Optimizer, list[Factorization]]:
-    owner = {id(p): opt for opt in optimizers for group in opt.param_groups for p in group["params"]}
-    by_optimizer: dict[Optimizer, list[Factorization]] = {}
-    for f in factorizations:
-        owners = {owner.get(id(p)) for p in (f.weight, f.u, f.v)}
-        if len(owners) != 1 or None in owners:
-            u_name, v_name = f.factor_paths
-            raise ValueError(
-                f"`{f.path}` and its spred factors `{u_name}`, `{v_name}` must all be in one optimizer, so that the"
-                " optimizer trains the factors and AMP unscaling and clipping see the weight's gradient. Build the"
-                " optimizer in `configure_optimizers` from `self.parameters()` (or a submodule's `parameters()`),"
-                " which includes the factors SpredCallback adds beside each weight, or exclude the weight with"
-                f" `SpredCallback(..., exclude=['{f.path}'])`."
-            )
-        by_optimizer.setdefault(owners.pop(), []).append(f)
-    return by_optimizer
-
-
-def _check_optimizers(trainer: Trainer, by_optimizer: dict[Optimizer, list[Factorization]]) -> None:
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    for optimizer, factorizations in by_optimizer.items():
-        name = type(optimizer).__name__
-        if isinstance(optimizer, LBFGS):
-            raise ValueError(
-                "LBFGS re-evaluates the model inside its step, while SpredCallback updates the weights from their"
-                " factors only between steps. Use a first-order optimizer (SGD, Adam, ...)."
-            )
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            raise ValueError(
-                f"{name} unscales gradients inside its own step (fused=True), after SpredCallback has added the"
-                " penalty, so the penalty would be divided by the loss scale. Use it with `fused=False`."
-            )
-        factors = {id(p) for f in factorizations for p in (f.u, f.v)}
-        decayed = [
-            g for g in optimizer.param_groups if g.get("weight_decay", 0) and factors & {id(p) for p in g["params"]}
-        ]
-        if decayed and isinstance(optimizer, AdamW):
-            rank_zero_warn(
-                f"AdamW applies decoupled weight decay (weight_decay={decayed[0]['weight_decay']}) to the factors:"
-                " it is not the L1 penalty and shrinks weights by an amount that depends on the learning rate."
-                " SpredCallback already applies `lam`; use Adam, or put the factors in a group with weight_decay=0.",
-                category=UserWarning,
-            )
-        elif decayed:
-            rank_zero_warn(
-                f"{name} puts weight_decay={decayed[0]['weight_decay']} on the spred factors, which adds to `lam`:"
-                " the effective L1 coefficient is lam + weight_decay. Put the factors in a parameter group with"
-                " weight_decay=0 to penalise with `lam` alone.",
-                category=UserWarning,
-            )
-
-
-def _check_strategy(trainer: Trainer) -> None:
-    strategy = trainer.strategy
-    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise ValueError(
-            f"SpredCallback supports single-device training and DDP (`strategy='ddp'`, 'ddp_spawn', 'ddp_fork'),"
-            f" not {type(strategy).__name__}: sharded strategies split the weights that spred factorises."
-            " Use `strategy='ddp'`."
-        )
-
-
-def _check_coefficient(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (Real, torch.Tensor))
-        or (isinstance(value, torch.Tensor) and value.numel() != 1)
-    ):
-        raise TypeError(f"`{name}` must be a real number such as 1e-4, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite number >= 0 (for example 1e-4), got {value}.")
-    return value
-
-
-def _check_patterns(name: str, patterns: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(patterns, str):
-        patterns = (patterns,)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"`{name}` must be a list of name patterns such as ['encoder.*.weight'], got {patterns!r}.")
-    return tuple(patterns)

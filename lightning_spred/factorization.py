@@ -1,197 +1,210 @@
-"""Rewrite one weight as ``w = u * v`` in place, and merge it back to a plain weight.
+"""One penalty term of spred: weights ``w_i = u_i * v`` that share the factor ``v``.
 
-Design: the module keeps its own ``nn.Parameter`` ``w`` under its own name (same object, so ties and
-references survive) and the forward pass uses it unchanged. The factors ``u`` and ``v`` are registered
-beside it on the same module (so ``configure_optimizers`` and ``.to(device)`` see them) but take no
-part in the forward pass. The gradient reaching ``w`` is turned into factor gradients just before
-the optimizer steps (:func:`lightning_spred.functional.factor_gradients`) and ``w`` is refreshed to
-``u * v`` just after. So autograd and DDP only ever see ``w``: DDP all-reduces ``w.grad`` and nothing
-else, and the forward and backward passes cost what the plain model costs.
-
-State-dict hooks keep every checkpoint in the plain model's format: the factor entries are dropped
-and ``w`` is written with small entries set to exact zero.
+Design: the model keeps its own ``nn.Parameter`` ``w_i`` under its own name and the forward pass uses it
+unchanged. The factors are plain tensors held here, not registered on the model, so ``parameters()``,
+``state_dict()``, parameter groups, model summaries, weight averaging and DDP all see the plain model.
+An optimizer trains the factors only while it steps (see :mod:`lightning_spred.optimizer_hooks`): the
+gradient reaching ``w_i`` is turned into the factors' gradients (:func:`~lightning_spred.functional.factor_gradients`)
+and, after the step, ``w_i`` is set to ``u_i * v`` with its small entries (or groups) set to exact zero,
+so the model always computes with the weights it will keep.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from lightning_spred.functional import factor_gradients, scale_shape, threshold
+from lightning_spred.functional import balance, factor_gradients, group_norms, scale_shape
 
-__all__ = ["Factorization", "factorize", "merge"]
-
-_U_SUFFIX = "__spred_u"
-_V_SUFFIX = "__spred_v"
+__all__ = ["Factorization", "Member"]
 
 
-@dataclass
-class Factorization:
-    """One penalised weight ``w = u * v`` living on ``module`` under ``name``.
+@dataclass(frozen=True, eq=False)
+class Member:
+    """A tensor of a penalty term.
 
     Attributes:
-        module: the module that owns the weight.
-        name: the weight's attribute name on ``module`` (for example ``"weight"``).
-        path: the weight's name in the whole model (for example ``"encoder.0.weight"``).
-        lam: L1 coefficient for this weight.
+        module: the module that owns the parameter.
+        name: the parameter's attribute name on ``module`` (for example ``"weight"``).
+        path: the parameter's name in the whole model (for example ``"encoder.0.weight"``).
         dim: ``None`` for elementwise L1, else the dimension whose indices are the groups.
-        threshold: magnitude at or below which entries count as zero in checkpoints and at merge.
     """
 
     module: nn.Module
     name: str
     path: str
-    lam: float
     dim: Optional[int]
-    threshold: float
-    _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
-    _grad_buffers: Optional[tuple[Optional[Tensor], Tensor]] = field(default=None, repr=False)
 
     @property
     def weight(self) -> nn.Parameter:
         return self.module._parameters[self.name]  # type: ignore[return-value]
 
-    @property
-    def u(self) -> nn.Parameter:
-        return self.module._parameters[self.name + _U_SUFFIX]  # type: ignore[return-value]
 
-    @property
-    def v(self) -> nn.Parameter:
-        return self.module._parameters[self.name + _V_SUFFIX]  # type: ignore[return-value]
+class Factorization:
+    """The weights of one penalty term, factorised as ``w_i = u_i * v``.
 
-    @property
-    def factor_paths(self) -> tuple[str, str]:
-        """Names of ``u`` and ``v`` in the whole model, as DDP and ``named_parameters`` see them."""
-        return self.path + _U_SUFFIX, self.path + _V_SUFFIX
-
-    @torch.no_grad()
-    def set_factors(self, u: Tensor, v: Tensor) -> None:
-        """Copy ``u`` and ``v`` into the factors and refresh ``w``."""
-        self.u.copy_(u)
-        self.v.copy_(v)
-        self.refresh_weight()
-
-    @torch.no_grad()
-    def reset_factors(self) -> None:
-        """Restart from the current weight: ``u = w``, ``v = 1``, which leaves the model's function unchanged.
-
-        Never the balanced split ``sign(w) sqrt|w|, sqrt|w|``: under gradient flow ``u^2 - v^2`` only
-        decays, so a balanced start can never change the sign of a weight and converges to wrong minima.
-        """
-        self.u.copy_(self.weight)
-        self.v.fill_(1.0)
-
-    @torch.no_grad()
-    def refresh_weight(self) -> None:
-        torch.mul(self.u, self.v, out=self.weight)
-
-    def accumulate_factor_gradients(self) -> None:
-        """Turn ``w.grad`` into the gradients of ``u`` and ``v`` (with the decay) and clear ``w.grad``."""
-        weight, u, v = self.weight, self.u, self.v
-        grad = weight.grad
-        if grad is None:  # the weight took no part in the loss: the decay alone
-            u.grad, v.grad = factor_gradients(None, u.detach(), v.detach(), self.lam)
-            return
-        if self._grad_buffers is None or self._grad_buffers[1].device != u.device:
-            # Persistent buffers: a fresh weight-sized allocation page-faults on the CPU at every step.
-            # Elementwise, w.grad (dropped below) holds grad_u; groups need a weight-sized scratch.
-            self._grad_buffers = (torch.empty_like(u) if v.shape != u.shape else None, torch.empty_like(v))
-        grad_u, grad_v = self._grad_buffers
-        out = (grad if grad_u is None else grad_u, grad_v)
-        u.grad, v.grad = factor_gradients(grad, u.detach(), v.detach(), self.lam, out=out)
-        weight.grad = None
-
-    def sparse_weight(self, value: Optional[float] = None) -> Tensor:
-        """``u * v`` with entries (or, for groups, whole groups) of magnitude ``<= value`` set to exact zero.
-
-        ``value`` defaults to ``self.threshold``.
-        """
-        with torch.no_grad():
-            return threshold(self.u * self.v, self.threshold if value is None else value, self.dim)
-
-
-def factorize(
-    module: nn.Module, name: str, path: str, lam: float, dim: Optional[int] = None, threshold: float = 0.0
-) -> Factorization:
-    """Add factors ``u = w``, ``v = 1`` beside ``module.<name>``; the model's function is unchanged.
+    Elementwise L1 has one member and ``v`` of the weight's shape; a group lasso has one entry of ``v``
+    per group, shared by all members (a filter and the normalisation scale and shift of its channel).
 
     Args:
-        module: the module owning the weight.
-        name: attribute name of the weight on ``module``.
-        path: the weight's name in the whole model (used in errors and reports).
-        lam: L1 coefficient.
-        dim: ``None`` for elementwise L1, or the dimension whose indices form the groups.
-        threshold: entries at or below this magnitude are written as exact zeros in checkpoints.
+        members: the tensors; grouped members must have the same number of groups along their ``dim``.
+        lam: the L1 coefficient (the caller may change it between steps).
+        threshold: entries (or groups) with magnitude ``<= threshold`` are exact zeros in the model.
+        name: the name under which the term is logged and saved (default: the first member's path).
 
     Example:
         >>> layer = nn.Linear(3, 2)
-        >>> f = factorize(layer, "weight", "weight", lam=0.1)
-        >>> sorted(n for n, _ in layer.named_parameters())
-        ['bias', 'weight', 'weight__spred_u', 'weight__spred_v']
-        >>> sorted(layer.state_dict())
-        ['bias', 'weight']
-        >>> merge(f)
-        >>> sorted(n for n, _ in layer.named_parameters())
+        >>> term = Factorization([Member(layer, "weight", "weight", None)], lam=0.1, threshold=0.0)
+        >>> term.start()
+        >>> torch.allclose(term.u[0] * term.v, layer.weight)
+        True
+        >>> sorted(n for n, _ in layer.named_parameters())  # the model is not changed
         ['bias', 'weight']
     """
-    weight = module._parameters[name]
-    if weight is None:
-        raise ValueError(f"`{path}` is None and cannot be penalised.")
-    u = nn.Parameter(weight.detach().clone())
-    v = nn.Parameter(torch.ones(scale_shape(weight.shape, dim), dtype=weight.dtype, device=weight.device))
-    module.register_parameter(name + _U_SUFFIX, u)
-    module.register_parameter(name + _V_SUFFIX, v)
-    factorization = Factorization(module, name, path, float(lam), dim, float(threshold))
-    factorization._handles = [
-        module.register_state_dict_post_hook(_drop_factors_hook(factorization)),
-        module.register_load_state_dict_pre_hook(_restart_factors_hook(factorization)),
-    ]
-    return factorization
 
+    def __init__(self, members: Sequence[Member], lam: float, threshold: float, name: Optional[str] = None) -> None:
+        self.members = tuple(members)
+        self.name = name or self.members[0].path
+        self.lam = float(lam)
+        self.threshold = float(threshold)
+        self.u: Optional[list[Tensor]] = None
+        self.v: Optional[Tensor] = None
+        #: The optimizer's state of ``(*u, v)`` (momentum, moments) between steps.
+        self.optimizer_state: Optional[list[dict[str, Any]]] = None
+        self._buffers: Optional[tuple[Tensor, Optional[Tensor]]] = None
 
-def merge(factorization: Factorization, threshold: Optional[float] = None) -> None:
-    """Write ``u * v`` into the weight (entries ``<= threshold`` become exact zeros) and remove the factors.
+    def __repr__(self) -> str:
+        return f"Factorization({self.name!r}, lam={self.lam:g}, members={[m.path for m in self.members]})"
 
-    The weight stays the same ``nn.Parameter`` object under the same name, so tied weights stay tied
-    and the state dict has the plain model's keys.
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        return [m.weight for m in self.members]
 
-    Args:
-        factorization: what :func:`factorize` returned.
-        threshold: overrides the factorisation's own threshold (``0.0`` keeps every nonzero value).
-    """
-    with torch.no_grad():
-        factorization.weight.copy_(factorization.sparse_weight(threshold))
-    for handle in factorization._handles:
-        handle.remove()
-    factorization._handles.clear()
-    del factorization.module._parameters[factorization.name + _U_SUFFIX]
-    del factorization.module._parameters[factorization.name + _V_SUFFIX]
+    @property
+    def dims(self) -> list[Optional[int]]:
+        return [m.dim for m in self.members]
 
+    @property
+    def grouped(self) -> bool:
+        return self.members[0].dim is not None
 
-def _drop_factors_hook(factorization: Factorization) -> Any:
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        state_dict.pop(prefix + factorization.name + _U_SUFFIX, None)
-        state_dict.pop(prefix + factorization.name + _V_SUFFIX, None)
-        if prefix + factorization.name in state_dict:
-            state_dict[prefix + factorization.name] = factorization.sparse_weight()
+    @property
+    def started(self) -> bool:
+        """Whether the factors exist: a weight that never trained (frozen, in no optimizer) is never factorised."""
+        return self.u is not None
 
-    return hook
+    @property
+    def trainable(self) -> bool:
+        return all(w.requires_grad for w in self.weights)
 
+    @torch.no_grad()
+    def norms(self) -> Tensor:
+        """Magnitude of each entry (elementwise) or Euclidean norm of each group across the members."""
+        if not self.grouped:
+            return self.weights[0].detach().abs()
+        squares = sum(group_norms(w.detach(), dim).square() for w, dim in zip(self.weights, self.dims))
+        return squares.sqrt()
 
-def _restart_factors_hook(factorization: Factorization) -> Any:
-    # A plain checkpoint (the only kind this package writes) holds `w` but no factors: start the factors
-    # from the loaded `w`. The callback's own state, restored after the module's, then sets the exact factors.
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        weight = state_dict.get(prefix + factorization.name)
-        if weight is None:
+    @torch.no_grad()
+    def start(self, factors: Optional[tuple[Sequence[Tensor], Tensor]] = None) -> None:
+        """Create the factors: from ``factors`` (a checkpoint), else ``u_i = w_i / c``, ``v = c``.
+
+        ``c = sqrt(mean(norms))`` is one scale per term: the factors start near balance, where spred acts as
+        an L1 penalty, instead of ``u = w, v = 1``, which acts as L2 decay until the factors balance
+        (about ``lam * sum(lr) / (1 - momentum) >= 2``). Never the exactly balanced split
+        ``sign(w) sqrt|w|, sqrt|w|``: under gradient flow a balanced entry keeps ``|u| = |v|`` and can never
+        change sign, which converges to wrong minima.
+        """
+        first = self.weights[0]
+        if factors is not None:
+            us, v = factors
+            self.u = [u.detach().to(w.device, w.dtype).clone() for u, w in zip(us, self.weights)]
+            self.v = v.detach().to(first.device, first.dtype).clone()
             return
-        state_dict.setdefault(prefix + factorization.name + _U_SUFFIX, weight)
-        state_dict.setdefault(
-            prefix + factorization.name + _V_SUFFIX, torch.ones_like(factorization.v, device=weight.device)
-        )
+        norms = self.norms()
+        scale = float(norms.mean().sqrt()) if norms.numel() else 1.0
+        scale = scale if scale > 0 else 1.0
+        self.u = [w.detach() / scale for w in self.weights]
+        self.v = torch.full_like(norms, scale)
 
-    return hook
+    def accumulate_gradients(self) -> None:
+        """Turn the weights' gradients into the factors' gradients (with the decay ``lam``) and clear them.
+
+        The gradients of ``u_i`` are written into the memory of ``w_i.grad``: a fresh weight-sized buffer per step
+        costs more than the arithmetic on the CPU.
+        """
+        assert self.u is not None and self.v is not None, "start() the factorization first"
+        weights = self.weights
+        if self._buffers is None or self._buffers[0].device != self.v.device:
+            largest = max(w.numel() for w in weights) if self.grouped else 0
+            scratch = torch.empty(largest, dtype=self.v.dtype, device=self.v.device) if largest else None
+            self._buffers = (torch.empty_like(self.v), scratch)
+        grad_v, scratch = self._buffers
+        grads = [w.grad for w in weights]
+        with torch.no_grad():
+            grad_us, grad_v = factor_gradients(grads, self.u, self.v, self.dims, self.lam, out=(grads, grad_v, scratch))
+        for u, grad, w in zip(self.u, grad_us, weights):
+            u.grad, w.grad = grad, None
+        self.v.grad = grad_v
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Set every weight to ``u_i * v``, with entries (or groups) of magnitude ``<= threshold`` exactly zero."""
+        assert self.u is not None and self.v is not None
+        for u, w, dim in zip(self.u, self.weights, self.dims):
+            torch.mul(u, self.v.reshape(scale_shape(u.shape, dim)), out=w)
+        self.zero_small()
+
+    @torch.no_grad()
+    def zero_small(self) -> None:
+        """Set entries (or groups) of magnitude ``<= threshold`` of the weights to exact zero, in place."""
+        if self.threshold <= 0:
+            return
+        small = self.norms() <= self.threshold
+        for w, dim in zip(self.weights, self.dims):
+            w.masked_fill_(small.reshape(scale_shape(w.shape, dim)), 0.0)
+
+    @torch.no_grad()
+    def keep_zeros(self) -> None:
+        """Make the groups (or entries) that are zero now stay zero: their factors and optimizer moments become zero.
+
+        ``u = v = 0`` is a stationary point of the factorised objective (both gradients vanish), so from here on
+        the optimizer leaves these groups at exactly zero, whatever the loss and ``lam``.
+        """
+        assert self.u is not None and self.v is not None
+        dead = self.norms() == 0
+        views = [scale_shape(u.shape, dim) for u, dim in zip(self.u, self.dims)] + [self.v.shape]
+        for tensor, view, state in zip([*self.u, self.v], views, self.optimizer_state or [{}] * len(views)):
+            mask = dead.reshape(view)
+            tensor.masked_fill_(mask, 0.0)
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == tensor.shape:
+                    value.masked_fill_(mask, 0.0)
+
+    def balance(self) -> Tensor:
+        """See :func:`~lightning_spred.functional.balance`; ``1.0`` before the factors exist."""
+        if self.u is None or self.v is None:
+            return torch.ones(())
+        return balance(self.u, self.v, self.dims)
+
+    def state(self) -> dict[str, Any]:
+        """The factors and their optimizer state, detached copies, for a checkpoint."""
+        assert self.u is not None and self.v is not None
+        return {
+            "u": [u.detach().clone() for u in self.u],
+            "v": self.v.detach().clone(),
+            "optimizer": _clone(self.optimizer_state),
+        }
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value

@@ -1,21 +1,27 @@
-"""Small tensor kernels behind spred: factor gradients, penalties, sparsity counts.
+"""Small tensor kernels behind spred: factor gradients, penalties, thresholds, sparsity counts.
 
 Every function here is pure (no module state) so it can be tested against a direct formula and used
 outside the callback.
 
-The factorisation is ``w = u * v`` where ``u`` has the weight's shape and ``v`` broadcasts to it.
-When ``v`` has the weight's shape the penalty is the plain L1 norm; when ``v`` holds one entry per
-index of a dimension (shape ``1`` everywhere else) the penalty is the group lasso over that dimension.
+A penalised group of tensors ``w_1, ..., w_n`` is factorised as ``w_i = u_i * v`` where ``u_i`` has
+``w_i``'s shape and ``v`` is shared:
+
+- elementwise L1 (one tensor, ``dim=None``): ``v`` has the weight's shape; the penalty is ``sum |w|``;
+- group lasso along ``dim``: ``v`` holds one entry per index of ``dim`` (shape ``(C,)``) and is broadcast
+  along the other dimensions of every tensor; the penalty is ``sum_c ||(w_1[c], ..., w_n[c])||_2``.
+  Several tensors share one ``v`` when their groups are the same units (a conv filter, its bias and
+  the scale and shift of the BatchNorm after it).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "balance",
     "count_zeros",
     "factor_gradients",
     "group_norms",
@@ -27,7 +33,7 @@ __all__ = [
 
 
 def scale_shape(weight_shape: torch.Size, dim: Optional[int]) -> torch.Size:
-    """Shape of the factor ``v`` for a weight of ``weight_shape``.
+    """Shape in which the shared factor ``v`` broadcasts against a weight of ``weight_shape``.
 
     Args:
         weight_shape: shape of the penalised weight.
@@ -48,40 +54,64 @@ def scale_shape(weight_shape: torch.Size, dim: Optional[int]) -> torch.Size:
 
 
 def factor_gradients(
-    weight_grad: Optional[Tensor], u: Tensor, v: Tensor, lam: float, out: Optional[tuple[Tensor, Tensor]] = None
-) -> tuple[Tensor, Tensor]:
-    """Gradients of ``loss(u * v) + lam / 2 * (|u|^2 + |v|^2)`` with respect to ``u`` and ``v``.
+    weight_grads: Sequence[Optional[Tensor]],
+    us: Sequence[Tensor],
+    v: Tensor,
+    dims: Sequence[Optional[int]],
+    lam: float,
+    out: Optional[tuple[Sequence[Optional[Tensor]], Tensor, Optional[Tensor]]] = None,
+) -> tuple[list[Tensor], Tensor]:
+    """Gradients of ``loss(u_1 * v, ..., u_n * v) + lam / 2 * (sum_i |u_i|^2 + |v|^2)``.
 
     Args:
-        weight_grad: gradient of the loss with respect to ``w = u * v`` (``None`` means zero).
-        u: factor with the weight's shape.
-        v: factor that broadcasts to the weight's shape.
+        weight_grads: gradient of the loss with respect to each ``w_i = u_i * v`` (``None`` means zero).
+        us: the factors ``u_i``, each with its weight's shape.
+        v: the shared factor: the weight's shape when ``dims == [None]``, else ``(C,)``.
+        dims: for each tensor, ``None`` (elementwise, a single tensor) or the dimension of its groups.
         lam: the L1 coefficient.
-        out: optional buffers shaped like ``u`` and ``v`` to write into. Reusing them matters on the CPU,
-            where a fresh weight-sized allocation costs more than the arithmetic. When ``v`` has ``u``'s shape,
-            ``grad_u``'s buffer may be ``weight_grad`` itself, which is then overwritten.
+        out: optional buffers ``(grad_us, grad_v, scratch)`` to write into: reusing them matters on the CPU,
+            where a fresh weight-sized allocation costs more than the arithmetic. A ``grad_us`` entry may be
+            the weight's own gradient, which is then overwritten; ``scratch`` (the largest grouped weight's
+            size) is needed for groups only.
 
     Returns:
-        ``(grad_u, grad_v)`` with the shapes of ``u`` and ``v``.
+        ``(grad_us, grad_v)``: one gradient per ``u_i``, and the gradient of ``v``.
 
     Example:
         >>> u, v = torch.tensor([2.0]), torch.tensor([3.0])
-        >>> factor_gradients(torch.tensor([1.0]), u, v, lam=0.5)
-        (tensor([4.]), tensor([3.5000]))
+        >>> factor_gradients([torch.tensor([1.0])], [u], v, [None], lam=0.5)
+        ([tensor([4.])], tensor([3.5000]))
     """
-    grad_u, grad_v = out if out is not None else (torch.empty_like(u), torch.empty_like(v))
-    if weight_grad is None:
-        return torch.mul(u, lam, out=grad_u), torch.mul(v, lam, out=grad_v)
-    if v.shape == u.shape:
-        torch.mul(weight_grad, u, out=grad_v)
-    else:  # a shared factor per group: its gradient sums over the group (grad_u is the scratch space)
-        torch.mul(weight_grad, u, out=grad_u)
-        dims = [d for d, size in enumerate(v.shape) if size == 1 and u.shape[d] != 1]
-        torch.sum(grad_u, dim=dims, keepdim=True, out=grad_v)
+    grad_u_buffers, grad_v, scratch = out if out is not None else ([None] * len(us), torch.empty_like(v), None)
+    grad_us: list[Tensor] = []
+    written = False  # the first contribution is written into grad_v, the others are added
+    for grad, u, dim, buffer in zip(weight_grads, us, dims, grad_u_buffers):
+        v_view = v.reshape(scale_shape(u.shape, dim))
+        target = grad_v.view(v_view.shape)
+        buffer = torch.empty_like(u) if buffer is None else buffer
+        if grad is None:  # this tensor took no part in the loss: the decay alone
+            grad_us.append(torch.mul(u, lam, out=buffer))
+            continue
+        if dim is None:  # elementwise: a single tensor, so nothing to add to
+            torch.mul(grad, u, out=target)
+        elif u.ndim == 1:  # one entry per group (a bias, a normalisation's scale): nothing to sum
+            if written:
+                target.addcmul_(grad, u)
+            else:
+                torch.mul(grad, u, out=target)
+        else:
+            part = torch.mul(grad, u, out=None if scratch is None else scratch.view(-1)[: u.numel()].view_as(u))
+            reduce = [d for d in range(u.ndim) if d != dim]
+            if written:
+                target.add_(part.sum(dim=reduce, keepdim=True))
+            else:
+                torch.sum(part, dim=reduce, keepdim=True, out=target)
+        written = True
+        grad_us.append(torch.mul(grad, v_view, out=buffer).add_(u, alpha=lam))
+    if not written:
+        grad_v.zero_()
     grad_v.add_(v, alpha=lam)
-    torch.mul(weight_grad, v, out=grad_u)
-    grad_u.add_(u, alpha=lam)
-    return grad_u, grad_v
+    return grad_us, grad_v
 
 
 def group_norms(weight: Tensor, dim: Optional[int]) -> Tensor:
@@ -151,3 +181,23 @@ def sparsity(weight: Tensor, value: float = 0.0) -> Tensor:
     if weight.numel() == 0:
         return torch.zeros((), device=weight.device)
     return count_zeros(weight, value) / weight.numel()
+
+
+def balance(us: Sequence[Tensor], v: Tensor, dims: Sequence[Optional[int]]) -> Tensor:
+    """How close the factors are to balance, ``1 - mean_g |a_g - b_g| / (a_g + b_g)`` over the live groups.
+
+    ``a_g = sum_i ||u_i[g]||^2`` and ``b_g = v_g^2``. At a minimum of the factorised objective every group is
+    balanced (``a_g = b_g``) and spred acts as an L1 penalty (``1.0``); far from balance it acts like L2 weight
+    decay (towards ``0.0``). Groups with ``a_g + b_g = 0`` are left out.
+
+    Example:
+        >>> balance([torch.tensor([2.0, 0.1])], torch.tensor([2.0, 1.0]), [None])
+        tensor(0.5099)
+    """
+    a = sum(group_norms(u, dim).reshape(v.shape).square() for u, dim in zip(us, dims))
+    b = v.square()
+    total = a + b
+    live = total > 0
+    if not live.any():
+        return torch.ones((), device=v.device)
+    return 1 - ((a - b).abs()[live] / total[live]).mean()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from lightning_spred.functional import group_norms
@@ -14,17 +15,22 @@ __all__ = ["FeatureSelection", "selected_features"]
 
 @dataclass(frozen=True)
 class FeatureSelection:
-    """The groups of a weight that are not zero.
+    """The selected groups of a weight, usable like scikit-learn's ``SelectFromModel``.
 
     Attributes:
         indices: positions of the selected groups along the group dimension, ascending.
         norms: the Euclidean norm of each selected group, aligned with ``indices``.
         names: the selected groups' names, when names were given.
+        n_features: the number of groups the weight has.
+        exit_lam: for each selected group, the ``lam`` at which it left the path (``inf``: still in use at the end),
+            when a path was run; the later a group leaves, the more it matters.
     """
 
     indices: tuple[int, ...]
     norms: tuple[float, ...]
     names: Optional[tuple[str, ...]] = None
+    n_features: int = 0
+    exit_lam: Optional[tuple[float, ...]] = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -34,30 +40,79 @@ class FeatureSelection:
         labels = self.names or tuple(str(i) for i in self.indices)
         return sorted(zip(labels, self.norms), key=lambda pair: -pair[1])
 
+    def get_support(self, indices: bool = False) -> Any:
+        """A boolean mask over all groups (``True`` where selected), or the selected indices.
 
-def selected_features(weight: Tensor, dim: int = 1, names: Optional[Sequence[str]] = None) -> FeatureSelection:
-    """The groups along ``dim`` of ``weight`` with a nonzero norm (``dim=1``: input features of a ``Linear``).
+        Example:
+            >>> FeatureSelection(indices=(0, 2), norms=(1.0, 2.0), n_features=3).get_support()
+            tensor([ True, False,  True])
+        """
+        if indices:
+            return torch.tensor(self.indices, dtype=torch.long)
+        mask = torch.zeros(self.n_features, dtype=torch.bool)
+        mask[list(self.indices)] = True
+        return mask
+
+    def transform(self, x: Any) -> Any:
+        """The selected columns of ``x`` (a NumPy array or a tensor with one column per group).
+
+        Example:
+            >>> FeatureSelection(indices=(0, 2), norms=(1.0, 2.0), n_features=3).transform(torch.eye(3))
+            tensor([[1., 0.],
+                    [0., 0.],
+                    [0., 1.]])
+        """
+        if x.shape[-1] != self.n_features:
+            raise ValueError(f"`x` has {x.shape[-1]} columns, but the selection was made over {self.n_features}.")
+        return x[..., list(self.indices)]
+
+
+def selected_features(
+    weight: Tensor,
+    dim: int = 1,
+    names: Optional[Sequence[str]] = None,
+    k: Optional[int] = None,
+    exit_lam: Optional[Tensor] = None,
+) -> FeatureSelection:
+    """The groups along ``dim`` of ``weight`` in use (``dim=1``: input features of a ``Linear``).
 
     Args:
         weight: a weight, for example the first ``Linear``'s after fitting with ``groups={...: "input"}``.
         dim: the group dimension.
         names: one name per index of ``dim`` (for example gene names).
+        k: return exactly ``k`` groups: the last ``k`` to leave the path when ``exit_lam`` is given (ties, and
+            groups still in use, by norm), else the ``k`` largest norms.
+        exit_lam: for each group, the ``lam`` at which it left the path (``inf`` if it is still in use).
 
     Raises:
-        ValueError: ``names`` does not have one entry per group.
+        ValueError: ``names`` does not have one entry per group, or ``k`` is larger than the number of groups.
 
     Example:
-        >>> import torch
         >>> w = torch.tensor([[0.0, 3.0, 0.0], [0.0, 4.0, 1.0]])
         >>> selected_features(w, names=["a", "b", "c"])
-        FeatureSelection(indices=(1, 2), norms=(5.0, 1.0), names=('b', 'c'))
+        FeatureSelection(indices=(1, 2), norms=(5.0, 1.0), names=('b', 'c'), n_features=3, exit_lam=None)
+        >>> selected_features(w, k=1).indices
+        (1,)
     """
-    norms = group_norms(weight.detach(), dim)
-    if names is not None and len(names) != len(norms):
-        raise ValueError(f"Got {len(names)} names for {len(norms)} groups along dim {dim}: give one name per group.")
-    indices = tuple(int(i) for i in norms.nonzero().flatten())
+    norms = group_norms(weight.detach(), dim).float().cpu()
+    count = len(norms)
+    if names is not None and len(names) != count:
+        raise ValueError(f"Got {len(names)} names for {count} groups along dim {dim}: give one name per group.")
+    exits = exit_lam.float().cpu() if exit_lam is not None else None
+    if k is None:
+        chosen = norms.nonzero().flatten().tolist()
+    else:
+        if not 0 <= k <= count:
+            raise ValueError(f"`k` must be between 0 and the number of groups ({count}), got {k}.")
+        # sort by norm, then (stable) by exit lam: the last to leave first, ties broken by size
+        order = torch.argsort(norms, descending=True, stable=True)
+        if exits is not None:
+            order = order[torch.argsort(exits[order], descending=True, stable=True)]
+        chosen = sorted(order[:k].tolist())
     return FeatureSelection(
-        indices=indices,
-        norms=tuple(float(norms[i]) for i in indices),
-        names=tuple(names[i] for i in indices) if names is not None else None,
+        indices=tuple(chosen),
+        norms=tuple(float(norms[i]) for i in chosen),
+        names=tuple(names[i] for i in chosen) if names is not None else None,
+        n_features=count,
+        exit_lam=tuple(float(exits[i]) for i in chosen) if exits is not None else None,
     )

@@ -91,6 +91,13 @@ def classification_data(
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
+def one_sgd_step(weight: torch.Tensor, grad: torch.Tensor, lam: float, lr: float) -> torch.Tensor:
+    """The weight after one plain SGD step of spred from its start ``u = w / c, v = c`` (``c = sqrt(mean|w|)``)."""
+    scale = weight.detach().abs().mean().sqrt()
+    u, v = weight.detach() / scale, torch.full_like(weight, scale)
+    return (u - lr * (grad * v + lam * u)) * (v - lr * (grad * u + lam * v))
+
+
 def standardise(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = (x - x.mean(axis=0)) / x.std(axis=0)
     y = (y - y.mean()) / y.std()

@@ -3,15 +3,16 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
-from helpers import MLP, classification_data, quiet_trainer
-from lightning.pytorch import LightningModule
+from helpers import MLP, classification_data, one_sgd_step, quiet_trainer
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from lightning_spred import SpredCallback
-from lightning_spred.callback import _check_strategy
+from lightning_spred.checks import check_strategy
 
 
 def plain_snapshot(model: nn.Module) -> dict:
@@ -24,18 +25,29 @@ def assert_same_model(model: nn.Module, snapshot: dict) -> None:
         assert torch.equal(p.detach(), snapshot[name]), name
 
 
-def test_setup_keeps_function_and_checkpoint_keys():
+class Inspect(Callback):
+    """Records what the model looks like in the middle of a fit."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            self.names = [n for n, _ in pl_module.named_parameters()]
+            self.keys = list(pl_module.state_dict())
+            self.group_sizes = [len(g["params"]) for g in trainer.optimizers[0].param_groups]
+            self.group_params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+            self.optimizer_keys = list(trainer.optimizers[0].state_dict()["state"])
+
+
+def test_during_fit_the_model_and_optimizer_are_the_plain_ones():
     model = MLP()
-    x = torch.randn(5, 8)
-    before, keys = model(x), list(model.state_dict())
-    callback = SpredCallback(0.1, verbose=False)
-    callback.setup(quiet_trainer(), model, "fit")
-    names = [n for n, _ in model.named_parameters()]
-    assert "net.0.weight__spred_u" in names and "net.3.weight__spred_v" in names
-    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
-    assert list(model.state_dict()) == keys
-    callback.teardown(quiet_trainer(), model, "fit")
-    assert [n for n, _ in model.named_parameters()] == [k for k in keys]
+    names, keys = [n for n, _ in model.named_parameters()], list(model.state_dict())
+    inspect = Inspect()
+    quiet_trainer(max_steps=3, callbacks=[SpredCallback(0.1, verbose=False), inspect]).fit(model, classification_data())
+    assert inspect.names == names and inspect.keys == keys
+    assert inspect.group_sizes == [len(names)]  # the factors join the optimizer only inside its step
+    assert all(any(p is q for q in model.parameters()) for p in inspect.group_params)
+    # the optimizer's state has the plain layout: entries for the unpenalised parameters (the factors' moments are
+    # kept by the callback), so it loads into the plain model's optimizer
+    assert inspect.optimizer_keys == [i for i, n in enumerate(names) if n not in ("net.0.weight", "net.3.weight")]
 
 
 def test_one_sgd_step_is_the_factorised_gradient_step():
@@ -50,10 +62,7 @@ def test_one_sgd_step_is_the_factorised_gradient_step():
     nn.functional.cross_entropy(reference(x), y).backward()
     for name in ("net.0.weight", "net.3.weight"):
         w = reference.get_parameter(name)
-        u, v = w.detach(), torch.ones_like(w)
-        u_next = u - lr * (w.grad * v + lam * u)
-        v_next = v - lr * (w.grad * u + lam * v)
-        torch.testing.assert_close(model.get_parameter(name), u_next * v_next)
+        torch.testing.assert_close(model.get_parameter(name), one_sgd_step(w, w.grad, lam, lr))
     bias = reference.get_parameter("net.0.bias")
     torch.testing.assert_close(model.get_parameter("net.0.bias"), bias - lr * bias.grad)
 
@@ -69,7 +78,6 @@ def test_fit_returns_the_plain_model_with_exact_zeros():
     assert dict(model.named_parameters()).keys() == params_before.keys()
     for name, p in model.named_parameters():
         assert type(p) is nn.Parameter and p is params_before[name]  # same objects: ties and references survive
-    assert callback.factorizations == []
     first = model.net[0].weight
     assert (first == 0).any() and (first != 0).any()
     assert ((first == 0) | (first.abs() > 1e-3)).all()  # nothing left between zero and the threshold
@@ -125,9 +133,10 @@ def test_subclass_can_choose_parameters():
             return [t for t in super().select_parameters(pl_module) if t.path.startswith("net.0")]
 
     model, callback = MLP(), OnlyFirst(0.1, verbose=False)
-    callback.setup(quiet_trainer(), model, "fit")
-    assert [f.path for f in callback.factorizations] == ["net.0.weight"]
-    callback.teardown(quiet_trainer(), model, "fit")
+    last = model.net[3].weight.detach().clone()
+    quiet_trainer(max_steps=2, callbacks=[callback]).fit(model, classification_data())
+    assert [f.name for f in callback.factorizations] == ["net.0.weight"]
+    assert not torch.equal(model.net[3].weight, last)  # trained, unpenalised
 
 
 @pytest.mark.parametrize("lam", [-1.0, math.nan, math.inf, -0.0 - 1e-9])
@@ -136,7 +145,7 @@ def test_bad_lam_value(lam):
         SpredCallback(lam)
 
 
-@pytest.mark.parametrize("lam", ["0.1", None, True, [0.1]])
+@pytest.mark.parametrize("lam", ["0.1", True, [0.1]])
 def test_bad_lam_type(lam):
     with pytest.raises(TypeError, match="`lam` must be a real number such as 1e-4"):
         SpredCallback(lam)
@@ -151,6 +160,17 @@ def test_bad_arguments_are_named():
         SpredCallback(0.1, include=["*"], select=lambda *a: True)
     with pytest.raises(ValueError, match=r"lam_overrides\['x'\]"):
         SpredCallback(0.1, lam_overrides={"x": -2})
+    with pytest.raises(ValueError, match=r"`groups\['net.0.weight'\]` is 'inputs'"):
+        SpredCallback(0.1, groups={"net.0.weight": "inputs"})  # at construction: LightningCLI users see it at parse
+    with pytest.raises(ValueError, match="Give `lam`"):
+        SpredCallback()
+
+
+def test_numbers_of_any_kind_and_one_module_type_are_accepted():
+    for lam in (np.array(1e-4), np.float32(1e-4), np.array([1e-4])):
+        assert SpredCallback(lam).lam == pytest.approx(1e-4)
+    assert SpredCallback(torch.tensor(1e-4)).lam == pytest.approx(1e-4)
+    assert SpredCallback(0.1, modules=nn.Linear).modules == (nn.Linear,)
 
 
 class NoLinear(LightningModule):
@@ -182,12 +202,13 @@ def test_parametrised_weight_is_an_error_and_model_untouched():
     assert_same_model(model, snapshot)
 
 
-def test_factors_outside_the_optimizer_is_an_error_and_model_untouched():
+def test_a_weight_in_no_optimizer_is_left_as_the_plain_model_leaves_it():
     model = MLP(optimizer=lambda params: torch.optim.SGD([p for p in params if p.ndim == 1], lr=0.1))
     snapshot = plain_snapshot(model)
-    with pytest.raises(ValueError, match="must all be in one optimizer.*self.parameters"):
-        quiet_trainer(max_steps=1, callbacks=[SpredCallback(0.1)]).fit(model, classification_data())
-    assert_same_model(model, snapshot)
+    with pytest.warns(UserWarning, match="`net.0.weight`, `net.3.weight` are penalised but in no optimizer"):
+        quiet_trainer(max_steps=2, callbacks=[SpredCallback(0.1, threshold=0.5)]).fit(model, classification_data())
+    for name in ("net.0.weight", "net.3.weight"):  # not trained, so neither penalised nor thresholded
+        assert torch.equal(model.get_parameter(name), snapshot[name])
 
 
 @pytest.mark.parametrize(
@@ -215,7 +236,7 @@ def test_sharded_strategies_are_refused():
         strategy = FSDPStrategy.__new__(FSDPStrategy)
 
     with pytest.raises(ValueError, match="not FSDPStrategy.*strategy='ddp'"):
-        _check_strategy(FakeTrainer())
+        check_strategy(FakeTrainer())
 
 
 class Crash(MLP):

@@ -3,32 +3,68 @@
 import pytest
 import torch
 
-from lightning_spred.functional import factor_gradients, group_norms, penalty, scale_shape, sparsity, threshold
+from lightning_spred.functional import (
+    balance,
+    factor_gradients,
+    group_norms,
+    penalty,
+    scale_shape,
+    sparsity,
+    threshold,
+)
+
+# (shapes of the tensors, their group dims): elementwise, groups of one weight, and a conv filter sharing its
+# channel factor with a bias and a BatchNorm's scale and shift
+CASES = {
+    "elementwise": ([(4, 5)], [None]),
+    "rows": ([(4, 5)], [0]),
+    "columns": ([(4, 5)], [1]),
+    "coupled": ([(3, 2, 2, 2), (3,), (3,), (3,)], [0, 0, 0, 0]),
+}
 
 
-@pytest.mark.parametrize("dim", [None, 0, 1])
-def test_factor_gradients_match_autograd(dim):
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("buffers", [False, True], ids=["fresh", "reused"])
+def test_factor_gradients_match_autograd(case, buffers):
+    shapes, dims = CASES[case]
     torch.manual_seed(0)
-    target = torch.randn(4, 5)
-    u = torch.randn(4, 5, requires_grad=True)
-    v = torch.randn(scale_shape(u.shape, dim), requires_grad=True)
+    us = [torch.randn(shape, requires_grad=True) for shape in shapes]
+    v = torch.randn(shapes[0] if dims[0] is None else (shapes[0][dims[0]],), requires_grad=True)
+    targets = [torch.randn(shape) for shape in shapes]
     lam = 0.3
 
-    weight = u * v
-    weight.retain_grad()
-    loss = ((weight - target) ** 2).sum()
-    (loss + lam / 2 * (u.pow(2).sum() + v.pow(2).sum())).backward()
+    weights = [u * v.reshape(scale_shape(u.shape, dim)) for u, dim in zip(us, dims)]
+    for w in weights:
+        w.retain_grad()
+    loss = sum(((w - t) ** 2 * (i + 1)).sum() for i, (w, t) in enumerate(zip(weights, targets)))
+    (loss + lam / 2 * (sum(u.pow(2).sum() for u in us) + v.pow(2).sum())).backward()
 
-    grad_u, grad_v = factor_gradients(weight.grad, u.detach(), v.detach(), lam)
-    torch.testing.assert_close(grad_u, u.grad)
+    grads = [w.grad.clone() for w in weights]
+    out = None
+    if buffers:  # the weights' own gradients as grad_u buffers, a scratch for the group sums
+        out = (grads, torch.empty_like(v), torch.empty(max(u.numel() for u in us)))
+    grad_us, grad_v = factor_gradients(grads, [u.detach() for u in us], v.detach(), dims, lam, out=out)
+    for grad_u, u in zip(grad_us, us):
+        torch.testing.assert_close(grad_u, u.grad)
     torch.testing.assert_close(grad_v, v.grad)
 
 
 def test_factor_gradients_without_loss_gradient_is_pure_decay():
-    u, v = torch.randn(3, 2), torch.randn(1, 2)
-    grad_u, grad_v = factor_gradients(None, u, v, 0.5)
+    u, v = torch.randn(3, 2), torch.randn(2)
+    (grad_u,), grad_v = factor_gradients([None], [u], v, [1], 0.5)
     torch.testing.assert_close(grad_u, 0.5 * u)
     torch.testing.assert_close(grad_v, 0.5 * v)
+
+
+def test_balance_is_one_at_the_minimum_and_falls_with_imbalance():
+    w = torch.tensor([[3.0, -1.0], [4.0, 2.0]])
+    v = group_norms(w, 1).sqrt()  # the minimiser of the decay for fixed w: ||u_g|| = v_g = sqrt(||w_g||)
+    u = w / v
+    torch.testing.assert_close(balance([u], v, [1]), torch.tensor(1.0))
+    # u = w, v = 1 (far from balance): a_g = ||w_g||^2, b_g = 1
+    a = group_norms(w, 1).square()
+    expected = 1 - ((a - 1).abs() / (a + 1)).mean()
+    torch.testing.assert_close(balance([w], torch.ones(2), [1]), expected)
 
 
 def test_minimum_of_the_decay_over_factorisations_is_the_penalty():

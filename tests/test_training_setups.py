@@ -9,6 +9,7 @@ from helpers import (
     assert_same_lasso_solution,
     classification_data,
     diabetes,
+    one_sgd_step,
     quiet_trainer,
     sklearn_lasso,
     spred_lasso,
@@ -59,23 +60,23 @@ class Overflow(MLP):
         return loss * float("inf") if self.global_step == 2 else loss
 
 
-class RecordFactors(Callback):
+class RecordWeights(Callback):
     def __init__(self, spred):
         self.spred, self.before, self.after = spred, {}, {}
 
-    def _factors(self):
-        return [t.detach().clone() for f in self.spred.factorizations for t in (f.u, f.v)]
+    def _weights(self):
+        return [w.detach().clone() for f in self.spred.factorizations for w in f.weights]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before[trainer.global_step] = self._factors()
+        self.before[trainer.global_step] = self._weights()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after[trainer.global_step - 1] = self._factors()
+        self.after[trainer.global_step - 1] = self._weights()
 
 
 def test_skipped_amp_steps_leave_the_factors_untouched():
     spred = SpredCallback(0.05, verbose=False)
-    record = RecordFactors(spred)
+    record = RecordWeights(spred)
     scaler = torch.amp.GradScaler("cpu")
     model = Overflow()
     quiet_trainer(
@@ -102,9 +103,7 @@ def test_clipping_clips_the_loss_gradient_then_adds_the_penalty():
     torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
     for name in ("net.0.weight", "net.3.weight"):
         w = reference.get_parameter(name)
-        u, v = w.detach(), torch.ones_like(w)
-        expected = (u - lr * (w.grad * v + lam * u)) * (v - lr * (w.grad * u + lam * v))
-        torch.testing.assert_close(model.get_parameter(name), expected)
+        torch.testing.assert_close(model.get_parameter(name), one_sgd_step(w, w.grad, lam, lr))
 
 
 class GAN(LightningModule):
@@ -150,12 +149,10 @@ def test_manual_optimization_with_two_optimizers_matches_explicit_factors():
     # Independent reference: the factorised objective trained by autograd with explicit factors.
     factors = {}
     for name in ("generator", "discriminator"):
-        layer = getattr(start, name)
-        factors[name] = (
-            layer.weight.detach().clone().requires_grad_(),
-            torch.ones_like(layer.weight, requires_grad=True),
-        )
-        del layer.weight
+        weight = getattr(start, name).weight.detach()
+        scale = weight.abs().mean().sqrt()  # spred's start: u = w / c, v = c
+        factors[name] = ((weight / scale).requires_grad_(), torch.full_like(weight, scale).requires_grad_())
+        del getattr(start, name).weight
     opts = {n: plain_sgd([*factors[n], getattr(start, n).bias]) for n in factors}
 
     def load_products():

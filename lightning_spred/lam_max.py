@@ -1,0 +1,84 @@
+"""``lam_max``: the smallest ``lam`` at which a penalised weight set to zero stays zero.
+
+For ``loss(w) + lam * sum_g ||w_g||``, ``w = 0`` satisfies the optimality condition exactly when every group's
+gradient at ``w = 0`` has norm ``<= lam``, so ``lam_max = max_g ||dL/dw_g (w = 0)||`` (with the rest of the
+model fixed). For a linear model this is the ``lam`` at which the lasso path ends (scikit-learn's ``alpha_max``
+times two for ``MSELoss``); for a network it moves as the other layers train, so schedules given relative to it
+(``relative=True``) get a sensible scale, not an exact end point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_spred.functional import group_norms
+
+__all__ = ["lam_max", "side_effect_free"]
+
+
+def lam_max(
+    loss_fn: Callable[[], Tensor],
+    weights: Sequence[Tensor],
+    dim: Optional[int] = None,
+    reduce: Callable[[Tensor], Tensor] = lambda grad: grad,
+) -> float:
+    """``max_g ||dL/dw_g||`` at ``w = 0`` for one penalty term: the ``lam`` above which it is entirely zero.
+
+    Args:
+        loss_fn: computes the training loss with the model as it is (one forward pass).
+        weights: the term's tensors (parameters of the model), set to zero for the computation and restored.
+        dim: ``None`` for elementwise L1, else the group dimension shared by ``weights``.
+        reduce: applied to each gradient before the norms, for example an average across processes.
+
+    Example:
+        >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([2.0, -4.0])
+        >>> w = nn.Parameter(torch.tensor([0.3, 0.3]))
+        >>> lam_max(lambda: ((x @ w - y) ** 2).mean(), [w])  # |2/n X^T y|_max
+        4.0
+    """
+    saved = [w.detach().clone() for w in weights]
+    try:
+        with torch.no_grad():
+            for w in weights:
+                w.zero_()
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss_fn(), list(weights), allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for w, value in zip(weights, saved):
+                w.copy_(value)
+    squares = sum(
+        group_norms(reduce(torch.zeros_like(w) if g is None else g), dim).square() for w, g in zip(weights, grads)
+    )
+    return float(squares.sqrt().max())
+
+
+@contextlib.contextmanager
+def side_effect_free(module: nn.Module) -> Iterator[None]:
+    """Run extra forward passes of a LightningModule without a trace: no logging, same RNG state and buffers.
+
+    Inside, ``module.log`` and ``module.log_dict`` do nothing; on exit the random number generators (CPU and the
+    module's CUDA device) and every buffer (BatchNorm running statistics) are as they were on entry.
+    """
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    devices = sorted({b.device.index for b in module.parameters() if b.device.type == "cuda"})
+    silenced = {name: getattr(module, name, None) for name in ("log", "log_dict")}
+
+    def no_log(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    for name in silenced:
+        object.__setattr__(module, name, no_log)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for name in silenced:
+            module.__dict__.pop(name, None)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)

@@ -1,0 +1,156 @@
+"""Let an optimizer train the spred factors in place of the weights, only while it steps.
+
+Outside ``optimizer.step`` the optimizer holds the plain weights, exactly as the user built it: its parameter
+groups (by name, by layer, added later by a fine-tuning callback), gradient clipping, AMP unscaling,
+``zero_grad`` and ``state_dict`` all see the plain model, so checkpoints of the optimizer have the plain
+layout. Inside the step, each penalised weight ``w_i`` in a parameter group is replaced by its factor
+``u_i`` (the shared ``v`` joins the group of the first member), so the factors train with their
+weight's learning rate and settings, and the factors' optimizer state (momentum, moments) is lent to the
+optimizer for the step and taken back after it.
+
+Order within ``optimizer.step(closure)``: the closure runs (forward, backward, AMP unscaling, clipping, all on
+the plain weights), then the weights' gradients become the factors' gradients plus the decay, the factors
+are swapped in, the optimizer updates them, and the weights are set to ``u_i * v``. Without a closure
+(``GradScaler.step``, plain PyTorch) the gradients are final when the step starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_spred.factorization import Factorization
+
+__all__ = ["FactorStepper"]
+
+# (param list, index) of one member's weight in the optimizer's parameter groups
+_Place = tuple[list, int]
+
+
+class FactorStepper:
+    """Trains, inside one optimizer's steps, the factors of the penalised weights that optimizer holds.
+
+    Args:
+        optimizer: the user's optimizer.
+        factorizations: the penalty terms of the whole model; the stepper handles those whose weights are in
+            this optimizer's parameter groups at the time of each step (groups may change during fit).
+        start: called once per term, before its first step, to create its factors.
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, factorizations: Sequence[Factorization], start: Callable[[Factorization], None]
+    ) -> None:
+        self.optimizer = optimizer
+        self._by_weight = {id(m.weight): (f, i) for f in factorizations for i, m in enumerate(f.members)}
+        self._start = start
+        self._stepping: list[Factorization] = []
+        self._swapped: list[tuple[list, int, Tensor]] = []
+        self._appended: list[list] = []
+        self._handles: list[RemovableHandle] = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+
+    def held(self) -> list[Factorization]:
+        """The terms whose weights are all in this optimizer now."""
+        return [f for f, places in self._locate().items() if len(places) == len(f.members)]
+
+    def detach(self) -> None:
+        """Give the optimizer back its plain parameter groups (also after a step that raised) and remove the hooks."""
+        self._restore()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ----------------------------------------------------------------------------------------------
+    def _pre_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        # `args` starts with the optimizer itself: `step(self, closure=None)`.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._swap_in()
+            return None
+
+        def closure_then_swap() -> Any:
+            result = closure()
+            self._swap_in()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_swap}
+        return (args[0], closure_then_swap, *args[2:]), kwargs
+
+    def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        stepped = self._stepping
+        self._restore()
+        for f in stepped:
+            f.refresh()
+            for tensor in (*f.u, f.v):  # type: ignore[misc]
+                tensor.grad = None
+
+    def _locate(self) -> dict[Factorization, dict[int, _Place]]:
+        places: dict[Factorization, dict[int, _Place]] = {}
+        for group in self.optimizer.param_groups:
+            params = group["params"]
+            for index, param in enumerate(params):
+                entry = self._by_weight.get(id(param))
+                if entry is not None:
+                    places.setdefault(entry[0], {})[entry[1]] = (params, index)
+        return places
+
+    def _swap_in(self) -> None:
+        located = [
+            (f, places)
+            for f, places in self._locate().items()
+            if len(places) == len(f.members) and f.trainable  # frozen means unchanged: no decay either
+        ]
+        # A step in which none of these weights got a gradient (a skipped batch) changes none of them.
+        if not any(w.grad is not None for f, _ in located for w in f.weights):
+            return
+        state = self.optimizer.state
+        for f, places in located:
+            if not f.started:
+                self._start(f)
+            f.accumulate_gradients()
+            factors = [*f.u, f.v]  # type: ignore[misc]
+            for i, (params, index) in sorted(places.items()):
+                self._swapped.append((params, index, params[index]))
+                params[index] = f.u[i]  # type: ignore[index]
+            params = places[0][0]
+            params.append(f.v)
+            self._appended.append(params)
+            for tensor, saved in zip(factors, f.optimizer_state or ()):
+                if saved:
+                    state[tensor] = _to_device(saved, tensor, self._group_of(params))
+            self._stepping.append(f)
+
+    def _restore(self) -> None:
+        for params in reversed(self._appended):
+            params.pop()
+        for params, index, weight in reversed(self._swapped):
+            params[index] = weight
+        for f in self._stepping:
+            f.optimizer_state = [self.optimizer.state.pop(t, {}) for t in (*f.u, f.v)]  # type: ignore[misc]
+        self._appended.clear()
+        self._swapped.clear()
+        self._stepping = []
+
+    def _group_of(self, params: list) -> dict[str, Any]:
+        return next(g for g in self.optimizer.param_groups if g["params"] is params)
+
+
+def _to_device(state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state (from a checkpoint) on the factor's device, as ``Optimizer.load_state_dict`` places it."""
+    moved: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            moved[key] = value
+        elif key == "step" and not (group.get("fused") or group.get("capturable")):
+            moved[key] = value  # kept on the CPU, as torch keeps it
+        elif value.is_floating_point() and key != "step":
+            moved[key] = value.to(device=param.device, dtype=param.dtype)
+        else:
+            moved[key] = value.to(device=param.device)
+    return moved
