@@ -388,6 +388,16 @@ class SpredCallback(Callback):
                 if member.path in state and f.started:
                     state[member.path] = threshold_tensor(state[member.path], f.threshold, member.dim)
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The state key holds the settings (so that two callbacks can be told apart): a resume with other settings
+        # finds the one SpredCallback state of the checkpoint by its class, and says what changed at fit start.
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            return
+        mine = [key for key in states if key.startswith(f"{type(self).__qualname__}{{")]
+        if len(mine) == 1:
+            self.load_state_dict(states[mine[0]])
+
     def state_dict(self) -> dict[str, Any]:
         factors = {f.name: f.state() for f in self._terms if f.started}
         unstarted = {name: value for name, value in self._stash.items() if name not in factors}
