@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -26,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spred import SpredCallback
+from lightning_spred import GeometricRamp, SpredCallback
 
 LAM = 1e-4
 LR = 0.01
@@ -79,31 +80,78 @@ class Classifier(LightningModule):
 
 
 class StepTimer(Callback):
+    """Time from the start of one training batch to the start of the next: the step and everything after it
+    (epoch-end hooks and logging included), as a user waits for it."""
+
     def __init__(self, warmup: int) -> None:
         self.warmup, self.times, self._start = warmup, [], 0.0
 
     def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        now = time.perf_counter()
         if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(now - self._start)
+        self._start = now
 
 
-def median_step(
-    make_net: Callable[[], nn.Module], shape: tuple, batch: int, variant: str, steps: int, logger: bool
-) -> float:
+@dataclass
+class Case:
+    label: str
+    make_net: Callable[[], nn.Module]
+    shape: tuple
+    batch: int
+    batches: int  # per epoch
+    classes: int
+    spred: dict[str, Callable[[], SpredCallback]]  # variant name -> callback
+
+
+def genes() -> nn.Module:
+    return nn.Sequential(nn.Linear(6830, 32), nn.ReLU(), nn.Linear(32, 14))
+
+
+def gene_path(steps: int) -> SpredCallback:
+    ramp = GeometricRamp(1e-2, 1.0, steps=steps, relative=True)
+    return SpredCallback(ramp, groups={"net.0.weight": "input"}, record_path=50, verbose=False, print_report=False)
+
+
+def fixed() -> SpredCallback:
+    return SpredCallback(LAM, verbose=False, print_report=False)
+
+
+CASES = {
+    "mlp": Case("MLP 784-1024-1024-10, batch 128", mlp, (784,), 128, 8, 10, {"spred": fixed}),
+    "cnn": Case("small CNN, batch 32", cnn, (1, 28, 28), 32, 8, 10, {"spred": fixed}),
+    # one step per epoch, as in gene selection: epoch-end work happens at every step
+    "full": Case(
+        "full batch 6830-32-14, 43 samples",
+        genes,
+        (6830,),
+        43,
+        1,
+        14,
+        {
+            "spred": lambda: SpredCallback(0.05, groups={"net.0.weight": "input"}, verbose=False, print_report=False),
+            "spred path": lambda: gene_path(200),
+        },
+    ),
+}
+
+
+def median_step(case: Case, variant: str, steps: int, logger: bool) -> float:
     torch.manual_seed(0)
-    x, y = torch.randn(batch * 8, *shape), torch.randint(0, 10, (batch * 8,))
-    data = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+    x, y = (
+        torch.randn(case.batch * case.batches, *case.shape),
+        torch.randint(0, case.classes, (case.batch * case.batches,)),
+    )
+    data = DataLoader(TensorDataset(x, y), batch_size=case.batch, shuffle=False)
     timer = StepTimer(warmup=5)
-    callbacks: list[Callback] = [timer] + ([SpredCallback(LAM, verbose=False)] if variant == "spred" else [])
+    callbacks: list[Callback] = [timer] + ([case.spred[variant]()] if variant in case.spred else [])
+    penalty = variant if variant in ("naive", "prox") else "none"
     with tempfile.TemporaryDirectory() as log_dir:
         trainer = Trainer(
-            accelerator="cpu", max_steps=steps + 5, callbacks=callbacks, logger=CSVLogger(log_dir) if logger else False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu", max_steps=steps + 6, callbacks=callbacks, logger=CSVLogger(log_dir) if logger else False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=50,
         )  # fmt: skip
-        trainer.fit(Classifier(make_net(), "none" if variant == "spred" else variant), data)
+        trainer.fit(Classifier(case.make_net(), penalty), data)
     return statistics.median(timer.times)
 
 
@@ -112,24 +160,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant")
     parser.add_argument("--logger", action="store_true", help="attach a CSVLogger to every variant")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    variants = ["none", "spred", "naive", "prox"]
-    cases = {"MLP 784-1024-1024-10, batch 128": (mlp, (784,), 128), "small CNN, batch 32": (cnn, (1, 28, 28), 32)}
     logged = "with a CSVLogger" if args.logger else "without a logger"
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, {logged}"
-    )
-    print(f"{'model':34} {'spred / plain':>20} {'naive L1 / plain':>20} {'prox SGD / plain':>20}")
-    for label, (make_net, shape, batch) in cases.items():
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {args.rounds} rounds x {args.steps} steps, {logged}")
+    print(f"{'model':36} {'variant':12} {'variant / plain':>22}")
+    for case in (CASES[name] for name in args.cases):
+        variants = ["none", *case.spred, *(["naive", "prox"] if case.batches > 1 else [])]
         times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):
             for variant in variants:
-                times[variant].append(median_step(make_net, shape, batch, variant, args.steps, args.logger))
-        cells = [ratio_cell(times[v], times["none"]) for v in ("spred", "naive", "prox")]
-        print(f"{label:34} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20}")
+                times[variant].append(median_step(case, variant, args.steps, args.logger))
+        for variant in variants[1:]:
+            name = {"naive": "naive L1", "prox": "prox SGD"}.get(variant, variant)
+            print(f"{case.label:36} {name:12} {ratio_cell(times[variant], times['none']):>22}")
     print("each cell: median over rounds of (variant / plain in the same round) [lowest - highest round]")
 
 

@@ -18,6 +18,7 @@ from lightning_spred.checks import (
     check_patterns,
     check_strategy,
 )
+from lightning_spred.diagnostics import ForwardTrace, L2PhaseForecast, dead_terms, degenerate_penalties
 from lightning_spred.factorization import Factorization, Member
 from lightning_spred.functional import threshold as threshold_tensor
 from lightning_spred.groups import FeatureSelection, selected_features
@@ -123,7 +124,8 @@ class SpredCallback(Callback):
             raise ValueError(
                 "Give `lam` (a number or a schedule), or a target: `target_sparsity=` or `target_groups=`."
             )
-        self.lam = lam if isinstance(lam, LamSchedule) or lam is None else check_coefficient("lam", lam)
+        self.steering = Steering(None, target_sparsity, target_groups, float(refit_fraction))
+        self.lam = lam
         self.threshold = check_coefficient("threshold", threshold)
         self.lam_overrides = {
             k: check_coefficient(f"lam_overrides[{k!r}]", v) for k, v in (lam_overrides or {}).items()
@@ -159,21 +161,43 @@ class SpredCallback(Callback):
         self.path_dir = path_dir
         self.verbose = verbose
         self.print_report = print_report
-        self.steering = Steering(self.lam, target_sparsity, target_groups, float(refit_fraction))
+        self._state_key: Optional[str] = None
         self._terms: list[Factorization] = []
-        self._scheduled: set[int] = set()
+        self._fixed_lam: dict[int, float] = {}
         self._steppers: list[FactorStepper] = []
         self._stash: dict[str, Any] = {}
         self._recorder = PathRecorder(path_dir)
         self._report: Optional[SparsityReport] = None
         self._model: Optional[nn.Module] = None
-        self._last_epoch_log = -1
+        self._last_log = self._last_views = -1
+        self._trace: Optional[ForwardTrace] = None
+        self._forecast: Optional[L2PhaseForecast] = None
+        self._dead: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the optimizer hooks and the forward trace belong to the running fit, not to a copy of the callback
+        return {**self.__dict__, "_steppers": [], "_trace": None}
+
+    @property
+    def lam(self) -> Union[float, LamSchedule, None]:
+        """The L1 coefficient or schedule; setting it during fit takes effect at the next optimizer step."""
+        return self.steering.lam
+
+    @lam.setter
+    def lam(self, value: Union[float, LamSchedule, None]) -> None:
+        self.steering.lam = (
+            value if isinstance(value, LamSchedule) or value is None else check_coefficient("lam", value)
+        )
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            include=self.include, exclude=self.exclude, groups=self.groups, modules=[m.__name__ for m in self.modules]
-        )
+        # Lightning reads it at every hook call (profiler names): built once from the settings
+        if self._state_key is None:
+            names = [m.__name__ for m in self.modules]
+            self._state_key = self._generate_state_key(
+                include=self.include, exclude=self.exclude, groups=self.groups, modules=names
+            )
+        return self._state_key
 
     @property
     def factorizations(self) -> list[Factorization]:
@@ -273,6 +297,7 @@ class SpredCallback(Callback):
         metrics["spred/lam"] = torch.tensor(self._scheduled_lam())
         metrics["spred/balance"] = torch.tensor(sum(balances) / len(balances) if balances else 1.0)
         metrics["spred/sparsity"] = torch.tensor(zeros / max(total, 1))
+        metrics["spred/dead_layers"] = torch.tensor(float(len(dead_terms(self._terms))))
         return metrics
 
     # ----------------------------------------------------------------------------------------------
@@ -294,17 +319,25 @@ class SpredCallback(Callback):
                 Factorization([Member(p.module, p.name, p.path, p.dim)], self._lam_of(p), self.threshold)
                 for p in chosen
             ]
-            self._scheduled = {id(f) for f, p in zip(self._terms, chosen) if p.lam is None}
+            self._fixed_lam = {id(f): p.lam for f, p in zip(self._terms, chosen) if p.lam is not None}
             self._check_stash()
             check_optimizers(trainer, trainer.optimizers, self._terms)
         except Exception:
             self._terms = []
             raise
-        self._steppers = [FactorStepper(opt, self._terms, self._start) for opt in trainer.optimizers]
-        self.steering.begin(int(trainer.estimated_stepping_batches))
+        self._steppers = [
+            FactorStepper(opt, self._terms, self._start, lambda: self._set_lam(trainer)) for opt in trainer.optimizers
+        ]
+        total = int(trainer.estimated_stepping_batches)
+        self.steering.begin(total)
+        self._trace, self._dead = ForwardTrace(pl_module), set()
+        # the forecast judges a fixed lam; schedules and targets move lam themselves
+        self._forecast = (
+            L2PhaseForecast(total) if isinstance(self.lam, float) and not self.steering.has_target else None
+        )
         if self.lam_max is not None:
             self.steering.lam_max = self.lam_max
-        self._last_epoch_log = trainer.global_step - 1
+        self._last_log = self._last_views = trainer.global_step - 1
         self._log_hyperparameters(trainer)
         if self.verbose:
             count = sum(w.numel() for f in self._terms for w in f.weights)
@@ -316,9 +349,6 @@ class SpredCallback(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.steering.needs_lam_max:
             self.steering.lam_max = self._compute_lam_max(trainer, pl_module, batch, batch_idx)
-        lam = self.steering.value(trainer.global_step, trainer.current_epoch)
-        for f in self._scheduled_terms():
-            f.lam = lam
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -327,7 +357,9 @@ class SpredCallback(Callback):
             return
         scheduled = self._scheduled_terms()
         lam = self._scheduled_lam()
-        self._recorder.track(scheduled, lambda f: f.lam)
+        self._diagnose(trainer)
+        if not isinstance(self.lam, float) or self.record_path:  # exits are informative only when lam moves
+            self._recorder.track(scheduled, lambda f: f.lam)
         if self.steering.has_target or self.steering.refit_fraction:
             zeros = sum(int((w == 0).sum()) for f in scheduled for w in f.weights)
             total = sum(w.numel() for f in scheduled for w in f.weights)
@@ -341,20 +373,23 @@ class SpredCallback(Callback):
         # Computed only when Lightning will write to the loggers (as LearningRateMonitor does), to keep steps cheap.
         if trainer._logger_connector.should_update_logs:
             self._log(pl_module, on_step=True)
+            self._last_log = trainer.global_step
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._terms:
             return
         if self.record_path is True and not trainer.val_dataloaders:
             self._record(trainer, pl_module)
-        # With short epochs (full-batch training) logging at every epoch end would cost more than the steps.
-        due = trainer.global_step - self._last_epoch_log >= max(trainer.log_every_n_steps, 1)
-        if not (due or _last_epoch(trainer)):
-            return
-        self._last_epoch_log = trainer.global_step
-        self._log(pl_module, on_step=False)
-        for experiment in _wandb_runs(trainer):
-            log_layer_views(experiment, self._named_weights(), trainer.global_step)
+        # With short epochs (full-batch training) logging at every epoch end would cost more than the steps: at most
+        # every `log_every_n_steps` steps, counting the logs at steps, and at the end.
+        every, last = max(trainer.log_every_n_steps, 1), _last_epoch(trainer)
+        if (trainer.global_step - self._last_log >= every or last) and self._last_log != trainer.global_step:
+            self._last_log = trainer.global_step
+            self._log(pl_module, on_step=False)
+        if trainer.global_step - self._last_views >= every or last:
+            self._last_views = trainer.global_step
+            for experiment in _wandb_runs(trainer):
+                log_layer_views(experiment, self._named_weights(), trainer.global_step)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._terms and self.record_path is True and not trainer.sanity_checking:
@@ -423,7 +458,14 @@ class SpredCallback(Callback):
 
     def _scheduled_terms(self) -> list[Factorization]:
         """The terms that follow ``lam`` (all but those with a fixed ``lam_overrides`` coefficient)."""
-        return [f for f in self._terms if id(f) in self._scheduled]
+        return [f for f in self._terms if id(f) not in self._fixed_lam]
+
+    def _set_lam(self, trainer: Trainer) -> None:
+        # read at every optimizer step, so that a `lam` changed at any time before the step counts for it
+        lam = self.steering.value(trainer.global_step, trainer.current_epoch)
+        refit = self.steering.phase == "refit"
+        for f in self._terms:
+            f.lam = 0.0 if refit else self._fixed_lam.get(id(f), lam)
 
     def _scheduled_lam(self) -> float:
         scheduled = self._scheduled_terms()
@@ -477,9 +519,6 @@ class SpredCallback(Callback):
         for f in terms:
             if f.started:
                 f.keep_zeros()
-        if phase == "refit":
-            for f in self._terms:
-                f.lam = 0.0
         rank_zero_info(f"SpredCallback: step {trainer.global_step}, {phase} phase ({self._target_text()}).")
 
     def _target_text(self) -> str:
@@ -524,7 +563,25 @@ class SpredCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
+    def _diagnose(self, trainer: Trainer) -> None:
+        if self._trace is not None and self._trace.done:
+            for message in degenerate_penalties(self._trace, self._terms, trainer.optimizers):
+                rank_zero_warn(message, category=UserWarning)
+            self._trace.stop()
+            self._trace = None
+        forecast = self._forecast
+        if forecast is not None and not forecast.done:
+            if forecast.first is None or trainer.global_step >= forecast.check_step:
+                started = [f for f in self._terms if f.started]
+                balance = sum(float(f.balance()) for f in started) / len(started) if started else 1.0
+                message = forecast.observe(trainer.global_step, balance)
+                if message:
+                    rank_zero_warn(message, category=UserWarning)
+
     def _merge(self) -> None:
+        if self._trace is not None:
+            self._trace.stop()
+            self._trace = None
         self._detach()
         for f in self._terms:
             if f.started:
@@ -540,10 +597,23 @@ class SpredCallback(Callback):
         return [(m.path, m.weight) for f in self._terms for m in f.members]
 
     def _log(self, pl_module: LightningModule, on_step: bool) -> None:
+        for name in sorted(set(dead_terms(self._terms)) - self._dead):
+            self._dead.add(name)
+            rank_zero_warn(
+                f"Every weight of `{name}` is zero at step {pl_module.global_step}: the layer is dead (its output is"
+                " constant). Lower `lam` (or give this weight its own with `lam_overrides`), or exclude it.",
+                category=UserWarning,
+            )
         metrics = self.compute_metrics()
         sparsity = metrics.pop("spred/sparsity")
+        # The headline figure goes through `self.log` (progress bar, `callback_metrics` for monitors); the others
+        # straight to the loggers, as LearningRateMonitor does: `self.log` costs about a millisecond per key, more
+        # than a step of a small full-batch model.
         pl_module.log("spred/sparsity", sparsity, prog_bar=True, on_step=on_step, on_epoch=not on_step)
-        pl_module.log_dict(metrics, on_step=on_step, on_epoch=not on_step)
+        trainer = pl_module.trainer
+        values = {key: float(value) for key, value in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
     def _log_hyperparameters(self, trainer: Trainer) -> None:
         lam = self.lam.hparams() if isinstance(self.lam, LamSchedule) else self.lam

@@ -75,6 +75,7 @@ class Factorization:
         #: The optimizer's state of ``(*u, v)`` (momentum, moments) between steps.
         self.optimizer_state: Optional[list[dict[str, Any]]] = None
         self._buffers: Optional[tuple[Tensor, Optional[Tensor]]] = None
+        self._norms: Optional[tuple[tuple[int, ...], Tensor]] = None
 
     def __repr__(self) -> str:
         return f"Factorization({self.name!r}, lam={self.lam:g}, members={[m.path for m in self.members]})"
@@ -102,11 +103,22 @@ class Factorization:
 
     @torch.no_grad()
     def norms(self) -> Tensor:
-        """Magnitude of each entry (elementwise) or Euclidean norm of each group across the members."""
+        """Magnitude of each entry (elementwise) or Euclidean norm of each group across the members.
+
+        Group norms are cached until a weight changes (tracked by the tensors' version counters): after every step
+        they are needed for the threshold, the path and the target, and each computation is a pass over the weights.
+        """
+        weights = self.weights
         if not self.grouped:
-            return self.weights[0].detach().abs()
-        squares = sum(group_norms(w.detach(), dim).square() for w, dim in zip(self.weights, self.dims))
-        return squares.sqrt()
+            return weights[0].detach().abs()
+        versions = tuple(w._version for w in weights)
+        if self._norms is None or self._norms[0] != versions:
+            if len(weights) == 1:
+                norms = group_norms(weights[0].detach(), self.dims[0])
+            else:
+                norms = sum(group_norms(w.detach(), dim).square() for w, dim in zip(weights, self.dims)).sqrt()
+            self._norms = (versions, norms)
+        return self._norms[1]
 
     @torch.no_grad()
     def start(self, factors: Optional[tuple[Sequence[Tensor], Tensor]] = None) -> None:
@@ -163,9 +175,14 @@ class Factorization:
         """Set entries (or groups) of magnitude ``<= threshold`` of the weights to exact zero, in place."""
         if self.threshold <= 0:
             return
-        small = self.norms() <= self.threshold
+        norms = self.norms()
+        small = norms <= self.threshold
+        if self.grouped and not small.any():  # a pass over the weights saved while no group is small
+            return
         for w, dim in zip(self.weights, self.dims):
             w.masked_fill_(small.reshape(scale_shape(w.shape, dim)), 0.0)
+        if self.grouped:
+            self._norms = (tuple(w._version for w in self.weights), norms.masked_fill(small, 0.0))
 
     @torch.no_grad()
     def keep_zeros(self) -> None:

@@ -124,7 +124,8 @@ def group_norms(weight: Tensor, dim: Optional[int]) -> Tensor:
     if dim is None:
         return weight.abs()
     other = [d for d in range(weight.ndim) if d != dim]
-    return torch.linalg.vector_norm(weight, dim=other)
+    # square-sum-sqrt: on the CPU, vector_norm over a leading dimension is ~10x slower (a 32 x 6830 weight's columns)
+    return weight.square().sum(dim=other).sqrt() if other else weight.abs()
 
 
 def penalty(weight: Tensor, lam: float, dim: Optional[int] = None) -> Tensor:
@@ -184,20 +185,20 @@ def sparsity(weight: Tensor, value: float = 0.0) -> Tensor:
 
 
 def balance(us: Sequence[Tensor], v: Tensor, dims: Sequence[Optional[int]]) -> Tensor:
-    """How close the factors are to balance, ``1 - mean_g |a_g - b_g| / (a_g + b_g)`` over the live groups.
+    """How much of the factors' decay acts as the L1 penalty: ``sum_g ||w_g|| / sum_g (||u_g||^2 + v_g^2) / 2``.
 
-    ``a_g = sum_i ||u_i[g]||^2`` and ``b_g = v_g^2``. At a minimum of the factorised objective every group is
-    balanced (``a_g = b_g``) and spred acts as an L1 penalty (``1.0``); far from balance it acts like L2 weight
-    decay (towards ``0.0``). Groups with ``a_g + b_g = 0`` are left out.
+    ``(||u_g||^2 + v_g^2) / 2 >= ||u_g|| |v_g| = ||w_g||``, with equality when the factors are balanced: ``1.0``
+    means spred acts exactly as the L1 (group) penalty, values towards ``0.0`` that it still acts like L2 weight
+    decay (far from balance, for example ``u = w, v = 1`` with small weights). Groups weigh by their size, so
+    groups on their way to zero do not count.
 
     Example:
         >>> balance([torch.tensor([2.0, 0.1])], torch.tensor([2.0, 1.0]), [None])
-        tensor(0.5099)
+        tensor(0.9101)
     """
     a = sum(group_norms(u, dim).reshape(v.shape).square() for u, dim in zip(us, dims))
     b = v.square()
-    total = a + b
-    live = total > 0
-    if not live.any():
+    total = (a + b).sum()
+    if total == 0:
         return torch.ones((), device=v.device)
-    return 1 - ((a - b).abs()[live] / total[live]).mean()
+    return (2 * (a * b).sqrt()).sum() / total

@@ -38,14 +38,20 @@ class FactorStepper:
         factorizations: the penalty terms of the whole model; the stepper handles those whose weights are in
             this optimizer's parameter groups at the time of each step (groups may change during fit).
         start: called once per term, before its first step, to create its factors.
+        before_step: called before the factors' gradients are computed at each step (to set ``lam``).
     """
 
     def __init__(
-        self, optimizer: Optimizer, factorizations: Sequence[Factorization], start: Callable[[Factorization], None]
+        self,
+        optimizer: Optimizer,
+        factorizations: Sequence[Factorization],
+        start: Callable[[Factorization], None],
+        before_step: Callable[[], None] = lambda: None,
     ) -> None:
         self.optimizer = optimizer
         self._by_weight = {id(m.weight): (f, i) for f in factorizations for i, m in enumerate(f.members)}
         self._start = start
+        self._before_step = before_step
         self._stepping: list[Factorization] = []
         self._swapped: list[tuple[list, int, Tensor]] = []
         self._appended: list[list] = []
@@ -109,6 +115,7 @@ class FactorStepper:
         # A step in which none of these weights got a gradient (a skipped batch) changes none of them.
         if not any(w.grad is not None for f, _ in located for w in f.weights):
             return
+        self._before_step()
         state = self.optimizer.state
         for f, places in located:
             if not f.started:
@@ -143,6 +150,8 @@ class FactorStepper:
 
 def _to_device(state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
     """An optimizer state (from a checkpoint) on the factor's device, as ``Optimizer.load_state_dict`` places it."""
+    if all(not isinstance(v, Tensor) or v.device == param.device or k == "step" for k, v in state.items()):
+        return state  # the usual case, between two steps: nothing to move
     moved: dict[str, Any] = {}
     for key, value in state.items():
         if not isinstance(value, Tensor):

@@ -128,12 +128,14 @@ def sklearn_lasso(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
     return solver.fit(x.astype(np.float64), y.astype(np.float64)).coef_
 
 
-def spred_lasso(x: np.ndarray, y: np.ndarray, alpha: float, optimizer: str, lr: float, steps: int, **trainer: Any):
+def spred_lasso(
+    x: np.ndarray, y: np.ndarray, alpha: float, optimizer: str, lr: float, steps: int, lam: Any = None, **trainer: Any
+):
     """The weights of a linear model trained full-batch through SpredCallback at its defaults."""
     seed_everything(0)
     model = Regression(x.shape[1], optimizer=optimizer, lr=lr, steps=steps)
     # nn.MSELoss is twice sklearn's data term, so lam = 2 * alpha.
-    callback = SpredCallback(lam=2 * alpha, verbose=False)
+    callback = SpredCallback(lam=2 * alpha if lam is None else lam, verbose=False)
     quiet_trainer(max_steps=steps, callbacks=[callback], **trainer).fit(model, full_batch(x, y))
     return model.linear.weight.detach().double().numpy().ravel()
 

@@ -1,0 +1,185 @@
+"""Warnings for penalties that cannot do what the user meant: absorbed scales, dead layers, a run stuck in L2.
+
+- **Scale absorbed.** A normalisation (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) right after a penalised
+  layer undoes that layer's scale, so the penalty shrinks the weights towards zero without removing anything.
+- **Scale escape.** A penalised layer followed, through positively homogeneous steps (ReLU, pooling, dropout,
+  flatten), by a layer that is neither penalised nor weight-decayed can hand its scale to that layer: the penalty
+  then shrinks every weight of the first layer alike instead of choosing among them.
+- **Dead layer.** Every weight of a penalised tensor is zero: its output is constant.
+- **L2 phase.** From a start far from balance spred acts like L2 weight decay until the factors balance
+  (with SGD, about ``lam * sum(lr) / (1 - momentum) >= 2``); a run that will not get there ends without zeros.
+
+The first two come from one forward pass traced with module hooks: which module consumes which module's output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_spred.factorization import Factorization
+
+__all__ = ["ForwardTrace", "L2PhaseForecast", "degenerate_penalties", "dead_terms"]
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+# f(a * x) = a * f(x) for a > 0: a layer's scale passes through these to the next layer
+_HOMOGENEOUS = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Dropout,
+    nn.Identity,
+    nn.Flatten,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+
+
+class ForwardTrace:
+    """Records, during the next forward pass of ``model``, which leaf module consumes which module's output.
+
+    Args:
+        model: the model to trace; hooks are added to every leaf module and removed after the first pass.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls: list[tuple[nn.Module, tuple[int, ...], int]] = []
+        self._keep: list[Any] = []  # holds the traced tensors so that their ids stay unique during the pass
+        self._handles: list[RemovableHandle] = [
+            m.register_forward_hook(self._hook) for m in model.modules() if not list(m.children())
+        ]
+
+    @property
+    def done(self) -> bool:
+        return bool(self.calls)
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._keep.clear()
+
+    def consumers(self, module: nn.Module, through: tuple[type, ...] = ()) -> list[nn.Module]:
+        """Modules whose input is ``module``'s output, looking past modules of the types in ``through``."""
+        outputs = {out for m, _, out in self.calls if m is module}
+        found: list[nn.Module] = []
+        while outputs:
+            nxt: set[int] = set()
+            for m, inputs, out in self.calls:
+                if outputs & set(inputs):
+                    if isinstance(m, through):
+                        nxt.add(out)
+                    elif all(m is not f for f in found):
+                        found.append(m)
+            outputs = nxt
+        return found
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not isinstance(output, Tensor):  # (an LSTM's tuple): not followed
+            return
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        self._keep.extend([*tensors, output])
+        self.calls.append((module, tuple(id(t) for t in tensors), id(output)))
+
+
+def degenerate_penalties(
+    trace: ForwardTrace, terms: Sequence[Factorization], optimizers: Sequence[Optimizer]
+) -> list[str]:
+    """A message for every penalised layer whose scale a normalisation absorbs or a next layer can take over."""
+    penalised = {id(w) for f in terms for w in f.weights}
+    decayed = {
+        id(p)
+        for opt in optimizers
+        for group in opt.param_groups
+        if group.get("weight_decay", 0)
+        for p in group["params"]
+    }
+    messages = []
+    for f in terms:
+        for member in f.members:
+            if member.name != "weight":
+                continue
+            norms = [m for m in trace.consumers(member.module) if isinstance(m, _NORMS)]
+            if norms:
+                messages.append(
+                    f"`{member.path}` feeds a {type(norms[0]).__name__}, which undoes its scale: the penalty shrinks it"
+                    " without removing anything. Penalise the normalisation's scale instead (network slimming:"
+                    " `include=['<norm>.weight']`), or exclude this weight."
+                )
+                continue
+            escapes = [
+                m
+                for m in trace.consumers(member.module, through=_HOMOGENEOUS)
+                if isinstance(getattr(m, "weight", None), Tensor)
+                and id(m.weight) not in penalised
+                and id(m.weight) not in decayed
+                and m.weight.requires_grad
+            ]
+            if escapes:
+                messages.append(
+                    f"`{member.path}`'s scale can move into the next {type(escapes[0]).__name__}, which is neither"
+                    " penalised nor weight-decayed: the penalty then shrinks the whole layer instead of choosing"
+                    " within it. Give that layer a small weight decay (a parameter group with weight_decay=1e-3)"
+                    " or a penalty of its own."
+                )
+    return messages
+
+
+def dead_terms(terms: Sequence[Factorization]) -> list[str]:
+    """Names of the penalty terms whose weights are all exactly zero."""
+    return [f.name for f in terms if f.started and all(not w.any() for w in f.weights)]
+
+
+class L2PhaseForecast:
+    """Extrapolates the factors' balance to the end of the run, from its value at the start and after a tenth.
+
+    ``1 - balance`` shrinks about exponentially in the number of steps (under gradient flow with SGD, ``u^2 - v^2``
+    decays at the rate ``2 * lam * lr / (1 - momentum)`` per step, whatever the loss). If the extrapolation stays
+    below ``0.9`` at the end of the run, the fit will end while spred still acts like L2 weight decay.
+
+    Args:
+        total_steps: the steps the fit will take.
+        fraction: when to judge, as a fraction of ``total_steps``.
+    """
+
+    def __init__(self, total_steps: int, fraction: float = 0.1) -> None:
+        self.total_steps = total_steps
+        self.check_step = max(1, int(fraction * total_steps))
+        self.first: Optional[tuple[int, float]] = None
+        self.done = total_steps < 50  # too short to judge
+
+    def observe(self, step: int, balance: float) -> Optional[str]:
+        """Record the balance after ``step``; return a warning once, at the judging step, if it is due."""
+        if self.done:
+            return None
+        if self.first is None:
+            self.first = (step, 1 - balance)
+            return None
+        if step < self.check_step:
+            return None
+        self.done = True
+        (start, gap_start), gap = self.first, 1 - balance
+        if gap <= 0.1:
+            return None
+        rate = math.log(gap_start / gap) / (step - start) if gap_start > gap > 0 else 0.0
+        predicted = gap * math.exp(-rate * (self.total_steps - step))
+        if predicted <= 0.1:
+            return None
+        needed = f"about {step + math.log(gap / 0.1) / rate:,.0f} steps" if rate > 0 else "more steps than any"
+        return (
+            f"spred is still in its L2 phase: balance {balance:.2f} after {step} of {self.total_steps} steps, and at"
+            f" this rate it reaches 0.9 (where the penalty acts as L1 and weights become exactly zero) after {needed}."
+            " Raise `lam` or the learning rate, train longer, or steer with a target (`target_sparsity=`)."
+            " With SGD, zeros appear once lam * sum(lr) / (1 - momentum) reaches about 2."
+        )
