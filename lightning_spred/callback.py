@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -10,6 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_spred.channels import channel_members
 from lightning_spred.checks import (
     check_coefficient,
     check_groups,
@@ -21,7 +23,7 @@ from lightning_spred.checks import (
 from lightning_spred.diagnostics import ForwardTrace, L2PhaseForecast, dead_terms, degenerate_penalties
 from lightning_spred.factorization import Factorization, Member
 from lightning_spred.functional import threshold as threshold_tensor
-from lightning_spred.groups import FeatureSelection, selected_features
+from lightning_spred.groups import FeatureSelection, rank_groups, selected_features
 from lightning_spred.lam_max import lam_max, side_effect_free
 from lightning_spred.optimizer_hooks import FactorStepper
 from lightning_spred.path import Path, PathPoint, PathRecorder
@@ -54,9 +56,10 @@ class SpredCallback(Callback):
 
     Steering ``lam``: it may be a number (changing ``callback.lam`` during fit takes effect at the next step), a
     :class:`~lightning_spred.schedules.LamSchedule` (warm-up, geometric ramp, any function of the step), or left out
-    with a target (``target_sparsity`` or ``target_groups``), which raises ``lam`` from ``lam_max * 1e-3`` until the
-    target is met and then holds it, keeping the zeros. ``refit_fraction`` ends the fit with an un-penalised
-    fine-tune that keeps the zeros.
+    with a target (``target_sparsity`` or ``target_groups``), which raises ``lam`` geometrically from
+    ``lam_max * 1e-3`` (slowing down near the target, and never past the stable limit of SGD) until the target is
+    met, then holds it, keeping the zeros; a group target keeps the ``k`` groups that leave the path last.
+    ``refit_fraction`` ends the fit with an un-penalised fine-tune that keeps the zeros.
 
     What it logs, through ``LightningModule.log`` so every logger gets it, every ``log_every_n_steps`` steps:
     ``spred/sparsity`` (also in the progress bar), ``spred/sparsity/<name>`` per weight, ``spred/nonzeros``,
@@ -315,11 +318,9 @@ class SpredCallback(Callback):
             if not chosen:
                 raise ValueError(self._nothing_to_penalise(pl_module))
             self._check_other_callbacks(trainer, chosen)
-            self._terms = [
-                Factorization([Member(p.module, p.name, p.path, p.dim)], self._lam_of(p), self.threshold)
-                for p in chosen
-            ]
-            self._fixed_lam = {id(f): p.lam for f, p in zip(self._terms, chosen) if p.lam is not None}
+            terms = self._build_terms(pl_module, chosen)
+            self._terms = [f for f, _ in terms]
+            self._fixed_lam = {id(f): p.lam for f, p in terms if p.lam is not None}
             self._check_stash()
             check_optimizers(trainer, trainer.optimizers, self._terms)
         except Exception:
@@ -363,8 +364,11 @@ class SpredCallback(Callback):
         if self.steering.has_target or self.steering.refit_fraction:
             zeros = sum(int((w == 0).sum()) for f in scheduled for w in f.weights)
             total = sum(w.numel() for f in scheduled for w in f.weights)
-            groups = sum(int((f.norms() > 0).sum()) for f in scheduled if f.grouped) if self.groups else None
-            phase = self.steering.observe(trainer.global_step, lam, zeros / max(total, 1), groups)
+            norms = [f.norms() for f in scheduled if f.grouped]
+            groups = sum(int((n > 0).sum()) for n in norms) if norms else None
+            live = [n[n > 0] for n in norms]
+            weakest = min((float(n.min()) for n in live if n.numel()), default=None)
+            phase = self.steering.observe(trainer.global_step, lam, zeros / max(total, 1), groups, weakest)
             if phase is not None:
                 self._enter(phase, trainer)
         if isinstance(self.record_path, int) and not isinstance(self.record_path, bool):
@@ -400,9 +404,17 @@ class SpredCallback(Callback):
             return
         self._merge()
         if self.steering.has_target and self.steering.reached_step is None:
+            capped = self.steering.ramps and self.steering.step_size and self.steering.ramp_lam is not None
+            limit = (
+                f" `lam` stopped rising at {self.steering.ramp_lam:.3g}, the stable limit of SGD (lam * lr / (1 -"
+                " momentum) = 0.5, beyond which every factor collapses whatever the loss): lower the learning rate,"
+                " or"
+                if capped
+                else ""
+            )
             rank_zero_warn(
                 f"SpredCallback did not reach its target ({self._target_text()}) in {trainer.global_step} steps:"
-                " train longer, or give a schedule that reaches a larger `lam`.",
+                f"{limit} train longer, or give a schedule that reaches a larger `lam`.",
                 category=UserWarning,
             )
         if self.print_report:
@@ -451,6 +463,22 @@ class SpredCallback(Callback):
     # ----------------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------------
+    def _build_terms(
+        self, model: nn.Module, chosen: list[PenalisedParameter]
+    ) -> list[tuple[Factorization, PenalisedParameter]]:
+        """One penalty term per chosen parameter; a channel group also takes its bias and BatchNorm."""
+        terms, covered = [], set()
+        for p in chosen:
+            if id(p.module._parameters[p.name]) in covered:
+                continue  # already in the channel group of the layer before it
+            if p.channel:
+                members = channel_members(model, p.path.rpartition(".")[0], p.module)
+            else:
+                members = [Member(p.module, p.name, p.path, p.dim)]
+            covered |= {id(m.weight) for m in members}
+            terms.append((Factorization(members, self._lam_of(p), self.threshold), p))
+        return terms
+
     def _lam_of(self, parameter: PenalisedParameter) -> float:
         if parameter.lam is not None:
             return parameter.lam
@@ -462,6 +490,8 @@ class SpredCallback(Callback):
 
     def _set_lam(self, trainer: Trainer) -> None:
         # read at every optimizer step, so that a `lam` changed at any time before the step counts for it
+        sizes = [f.step_size for f in self._scheduled_terms() if f.step_size]
+        self.steering.step_size = max(sizes, default=None)
         lam = self.steering.value(trainer.global_step, trainer.current_epoch)
         refit = self.steering.phase == "refit"
         for f in self._terms:
@@ -514,12 +544,26 @@ class SpredCallback(Callback):
                 )
 
     def _enter(self, phase: str, trainer: Trainer) -> None:
-        # Entering hold or refit: groups that are zero now stay zero (their factors and moments are zeroed).
-        terms = self._scheduled_terms() if phase == "hold" else self._terms
-        for f in terms:
-            if f.started:
-                f.keep_zeros()
+        # Entering hold or refit, zeros stay zero (their factors and moments are zeroed). A group target keeps the
+        # `k` groups that left the path last: those in use, and the ones that just left (a rising lam switches
+        # groups off with a lag, so the count can fall past `k` in one step): they can grow back, the others not.
+        if phase == "hold" and self.steering.target_groups is not None:
+            self._keep_last_groups(self.steering.target_groups)
+        elif phase == "hold" or self.steering.target_groups is None or self.steering.reached_step is None:
+            for f in self._scheduled_terms() if phase == "hold" else self._terms:
+                if f.started:
+                    f.keep_zeros()
         rank_zero_info(f"SpredCallback: step {trainer.global_step}, {phase} phase ({self._target_text()}).")
+
+    def _keep_last_groups(self, k: int) -> None:
+        terms = [f for f in self._scheduled_terms() if f.grouped and f.started]
+        exits = [self._recorder.exit_lam.get(f.name, torch.full_like(f.norms(), math.inf)) for f in terms]
+        norms = torch.cat([f.factor_norms().cpu() for f in terms])
+        order = rank_groups(norms, torch.cat([e.cpu() for e in exits]))
+        kept = torch.zeros(len(norms), dtype=torch.bool)
+        kept[order[:k]] = True
+        for f, mask in zip(terms, kept.split([len(e) for e in exits])):
+            f.keep_zeros(~mask.to(f.v.device))
 
     def _target_text(self) -> str:
         if self.steering.target_sparsity is not None:
@@ -544,9 +588,15 @@ class SpredCallback(Callback):
 
         terms = self._scheduled_terms()
         with side_effect_free(pl_module):
-            values = [lam_max(loss, f.weights, f.dims[0], reduce=mean) for f in terms]
-        value = max(values)
-        rank_zero_info(f"SpredCallback: lam_max = {value:.4g} (largest of {len(values)} weights), from one batch.")
+            value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean) for f in terms)
+            if value == 0:
+                value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean, at_zero=False) for f in terms)
+                rank_zero_info(
+                    "SpredCallback: the penalised weights get no gradient at zero (their output goes through a ReLU"
+                    f" or the like), so lam_max is 0; scaling with the largest gradient norm now, {value:.4g}, instead."
+                )
+                return value
+        rank_zero_info(f"SpredCallback: lam_max = {value:.4g} (largest of {len(terms)} weights), from one batch.")
         return value
 
     def _record(self, trainer: Trainer, pl_module: LightningModule) -> None:

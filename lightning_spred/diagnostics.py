@@ -107,10 +107,12 @@ def degenerate_penalties(
     }
     messages = []
     for f in terms:
+        own = {id(w) for w in f.weights}  # a channel group holds the normalisation after its layer
         for member in f.members:
-            if member.name != "weight":
+            if member.name != "weight" or isinstance(member.module, _NORMS):
                 continue
-            norms = [m for m in trace.consumers(member.module) if isinstance(m, _NORMS)]
+            consumers = trace.consumers(member.module)
+            norms = [m for m in consumers if isinstance(m, _NORMS) and id(getattr(m, "weight", None)) not in own]
             if norms:
                 messages.append(
                     f"`{member.path}` feeds a {type(norms[0]).__name__}, which undoes its scale: the penalty shrinks it"

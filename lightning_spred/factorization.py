@@ -74,6 +74,8 @@ class Factorization:
         self.v: Optional[Tensor] = None
         #: The optimizer's state of ``(*u, v)`` (momentum, moments) between steps.
         self.optimizer_state: Optional[list[dict[str, Any]]] = None
+        #: ``lr / (1 - momentum)`` of the last SGD step of the factors (``None`` for other optimizers).
+        self.step_size: Optional[float] = None
         self._buffers: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._norms: Optional[tuple[tuple[int, ...], Tensor]] = None
 
@@ -185,14 +187,28 @@ class Factorization:
             self._norms = (tuple(w._version for w in self.weights), norms.masked_fill(small, 0.0))
 
     @torch.no_grad()
-    def keep_zeros(self) -> None:
-        """Make the groups (or entries) that are zero now stay zero: their factors and optimizer moments become zero.
+    def factor_norms(self) -> Tensor:
+        """Like :meth:`norms`, for ``u * v`` before the threshold: how far a group that was zeroed has decayed."""
+        assert self.u is not None and self.v is not None
+        if not self.grouped:
+            return (self.u[0] * self.v).abs()
+        squares = sum(group_norms(u, dim).square() for u, dim in zip(self.u, self.dims))
+        return squares.sqrt() * self.v.abs()
+
+    @torch.no_grad()
+    def keep_zeros(self, dead: Optional[Tensor] = None) -> None:
+        """Make groups (or entries) stay zero: their weights, factors and optimizer moments become zero.
 
         ``u = v = 0`` is a stationary point of the factorised objective (both gradients vanish), so from here on
         the optimizer leaves these groups at exactly zero, whatever the loss and ``lam``.
+
+        Args:
+            dead: a mask over the groups (shaped like :meth:`norms`); default: the groups that are zero now.
         """
         assert self.u is not None and self.v is not None
-        dead = self.norms() == 0
+        dead = self.norms() == 0 if dead is None else dead
+        for w, dim in zip(self.weights, self.dims):
+            w.masked_fill_(dead.reshape(scale_shape(w.shape, dim)), 0.0)
         views = [scale_shape(u.shape, dim) for u, dim in zip(self.u, self.dims)] + [self.v.shape]
         for tensor, view, state in zip([*self.u, self.v], views, self.optimizer_state or [{}] * len(views)):
             mask = dead.reshape(view)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lightning_spred.functional import group_norms
 
-__all__ = ["FeatureSelection", "selected_features"]
+__all__ = ["FeatureSelection", "rank_groups", "selected_features"]
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,20 @@ class FeatureSelection:
         return len(self.indices)
 
     def ranked(self) -> list[tuple[str, float]]:
-        """``(name or index, norm)`` pairs, largest norm first."""
+        """``(name or index, norm)`` pairs, most important first (see :meth:`order`)."""
         labels = self.names or tuple(str(i) for i in self.indices)
-        return sorted(zip(labels, self.norms), key=lambda pair: -pair[1])
+        position = {index: i for i, index in enumerate(self.indices)}
+        return [(labels[position[i]], self.norms[position[i]]) for i in self.order()]
+
+    def order(self) -> list[int]:
+        """The selected indices, most important first: the last to leave the path (when there was one), then by norm.
+
+        Example:
+            >>> FeatureSelection(indices=(0, 2, 3), norms=(1.0, 2.0, 0.5), exit_lam=(0.3, 0.1, 0.3)).order()
+            [0, 3, 2]
+        """
+        exits = torch.tensor(self.exit_lam) if self.exit_lam is not None else None
+        return [self.indices[i] for i in rank_groups(torch.tensor(self.norms), exits).tolist()]
 
     def get_support(self, indices: bool = False) -> Any:
         """A boolean mask over all groups (``True`` where selected), or the selected indices.
@@ -104,11 +115,7 @@ def selected_features(
     else:
         if not 0 <= k <= count:
             raise ValueError(f"`k` must be between 0 and the number of groups ({count}), got {k}.")
-        # sort by norm, then (stable) by exit lam: the last to leave first, ties broken by size
-        order = torch.argsort(norms, descending=True, stable=True)
-        if exits is not None:
-            order = order[torch.argsort(exits[order], descending=True, stable=True)]
-        chosen = sorted(order[:k].tolist())
+        chosen = sorted(rank_groups(norms, exits)[:k].tolist())
     return FeatureSelection(
         indices=tuple(chosen),
         norms=tuple(float(norms[i]) for i in chosen),
@@ -116,3 +123,17 @@ def selected_features(
         n_features=count,
         exit_lam=tuple(float(exits[i]) for i in chosen) if exits is not None else None,
     )
+
+
+def rank_groups(norms: Tensor, exit_lam: Optional[Tensor]) -> Tensor:
+    """Group positions, most important first: the last to leave the path first (when ``exit_lam`` is given), ties
+    and groups still in use by norm.
+
+    Example:
+        >>> rank_groups(torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0.1, 0.1, float("inf")]))
+        tensor([2, 1, 0])
+    """
+    order = torch.argsort(norms, descending=True, stable=True)
+    if exit_lam is not None:
+        order = order[torch.argsort(exit_lam[order], descending=True, stable=True)]
+    return order

@@ -25,6 +25,7 @@ def lam_max(
     weights: Sequence[Tensor],
     dim: Optional[int] = None,
     reduce: Callable[[Tensor], Tensor] = lambda grad: grad,
+    at_zero: bool = True,
 ) -> float:
     """``max_g ||dL/dw_g||`` at ``w = 0`` for one penalty term: the ``lam`` above which it is entirely zero.
 
@@ -33,6 +34,9 @@ def lam_max(
         weights: the term's tensors (parameters of the model), set to zero for the computation and restored.
         dim: ``None`` for elementwise L1, else the group dimension shared by ``weights``.
         reduce: applied to each gradient before the norms, for example an average across processes.
+        at_zero: ``False`` takes the gradient at the weights as they are: the ``lam`` at which the largest group
+            is in balance with the penalty, a scale for the cases where the gradient at zero vanishes (a channel
+            group whose output goes through a ReLU gets no gradient at zero).
 
     Example:
         >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([2.0, -4.0])
@@ -44,7 +48,7 @@ def lam_max(
     try:
         with torch.no_grad():
             for w in weights:
-                w.zero_()
+                w.mul_(0.0 if at_zero else 1.0)
         with torch.enable_grad():
             grads = torch.autograd.grad(loss_fn(), list(weights), allow_unused=True)
     finally:

@@ -128,9 +128,12 @@ class FactorStepper:
             params = places[0][0]
             params.append(f.v)
             self._appended.append(params)
+            group = self._group_of(params)
             for tensor, saved in zip(factors, f.optimizer_state or ()):
                 if saved:
-                    state[tensor] = _to_device(saved, tensor, self._group_of(params))
+                    state[tensor] = _to_device(saved, tensor, group)
+            # how far one step of the decay alone moves the factors, with SGD (Adam's steps do not scale with lam)
+            f.step_size = group["lr"] / (1 - group.get("momentum", 0.0)) if "betas" not in group else None
             self._stepping.append(f)
 
     def _restore(self) -> None:

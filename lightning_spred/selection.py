@@ -20,9 +20,10 @@ __all__ = ["DEFAULT_MODULES", "GroupDim", "PenalisedParameter", "check_group_spe
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 #: A group specification: ``None`` (elementwise), a dimension index, ``"input"`` (dim 1: input
-#: features of a Linear, input channels of a conv) or ``"output"`` (dim 0: neurons, filters).
+#: features of a Linear, input channels of a conv), ``"output"`` (dim 0: neurons, filters) or ``"channel"``
+#: (output channels together with their bias and the BatchNorm after them, see :mod:`lightning_spred.channels`).
 GroupDim = Union[None, int, str]
-_NAMED_DIMS = {"input": 1, "output": 0}
+_NAMED_DIMS = {"input": 1, "output": 0, "channel": 0}
 
 SelectFn = Callable[[str, nn.Module, nn.Parameter], bool]
 
@@ -37,6 +38,7 @@ class PenalisedParameter:
         name: its attribute name on ``module``.
         lam: its own fixed coefficient (from ``lam_overrides``), or ``None`` to follow the callback's ``lam``.
         dim: ``None`` for elementwise L1, else the dimension whose indices are the groups.
+        channel: its output channels are grouped with their bias and normalisation (``"channel"`` groups).
     """
 
     path: str
@@ -44,6 +46,7 @@ class PenalisedParameter:
     name: str
     lam: Optional[float]
     dim: Optional[int]
+    channel: bool = False
 
 
 def check_group_spec(spec: GroupDim, where: str) -> None:
@@ -130,9 +133,18 @@ def select_parameters(
             _check_can_factorise(module, param, path)
             override = first_match(path, list(lam_overrides))
             group = first_match(path, list(groups))
-            dim = _group_dim(groups[group], param.ndim, path) if group is not None else None
+            spec = groups[group] if group is not None else None
+            dim = _group_dim(spec, param.ndim, path)
             lam = float(lam_overrides[override]) if override else None
-            chosen_list.append(PenalisedParameter(path, module, name, lam, dim))
+            channel = spec == "channel"
+            if channel and (
+                name != "weight" or not hasattr(module, "out_channels") and not hasattr(module, "out_features")
+            ):
+                raise ValueError(
+                    f"Group 'channel' does not fit `{path}`: it groups the output channels of a Linear or conv"
+                    " `weight` with their bias and BatchNorm. Use 'output' for other parameters."
+                )
+            chosen_list.append(PenalisedParameter(path, module, name, lam, dim, channel))
 
     unused = [p for p in [*include, *exclude, *lam_overrides, *groups] if p not in used_patterns]
     if unused:

@@ -23,12 +23,17 @@ def test_lasso_example():
 def test_gene_selection_example(tmp_path):
     pytest.importorskip("matplotlib")
     out = run(
-        "examples/gene_selection.py", "--dataset", "breast_cancer", "--folds", "2", "--lams", "0.02", "0.2",
-        "--steps", "60", "--no-lassonet", "--out", str(tmp_path),
+        "examples/gene_selection.py", "--dataset", "breast_cancer", "--folds", "2", "--repeats", "1", "--ks", "2", "5",
+        "--warmup", "20", "--ramp", "60", "--panel", "3", "--no-lassonet", "--out", str(tmp_path),
     )  # fmt: skip
-    assert "Cross-validated test accuracy" in out and "selects" in out
+    assert "Test accuracy of L2 logistic regression" in out and "spred path / single spred fit" in out
+    assert "`target_groups=3` on all 569 samples keeps" in out
     assert (tmp_path / "accuracy_vs_genes.png").stat().st_size > 0
-    assert (tmp_path / "results.csv").read_text().startswith("lam,genes,spred")
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("method,seconds_per_fold,k2_mean,k5_mean")
+    assert [row.split(",")[0] for row in rows[1:]] == [
+        "spred network", "spred linear", "L1 logistic", "ANOVA F-test", "spred single fit"
+    ]  # fmt: skip
     assert list((tmp_path / "logs").rglob("metrics.csv"))
 
 
@@ -36,18 +41,24 @@ def test_gene_selection_example_with_lassonet(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("lassonet")
     out = run(
-        "examples/gene_selection.py", "--dataset", "breast_cancer", "--folds", "2", "--lams", "0.2",
-        "--steps", "60", "--logger", "none", "--out", str(tmp_path),
+        "examples/gene_selection.py", "--dataset", "breast_cancer", "--folds", "2", "--repeats", "1", "--ks", "2",
+        "--warmup", "20", "--ramp", "60", "--panel", "3", "--logger", "none", "--out", str(tmp_path),
     )  # fmt: skip
-    assert "lassonet acc" in out
-    assert "lassonet" in (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert "LassoNet / spred path" in out
+    assert "LassoNet" in (tmp_path / "results.csv").read_text()
 
 
 def test_compression_example(tmp_path):
     pytest.importorskip("matplotlib")
-    out = run("examples/compression.py", "--epochs", "2", "--lams", "1e-3", "--models", "mlp", "--out", str(tmp_path))
-    assert "magnitude pruning" in out and "naive L1" in out
-    assert (tmp_path / "accuracy_vs_sparsity.png").stat().st_size > 0
+    out = run(
+        "examples/compression.py", "--epochs", "4", "--seeds", "1", "--fractions", "0.5", "--optimizers", "sgd",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    for method in ("spred", "torch-pruning magnitude", "network slimming", "naive group L1", "gradual magnitude"):
+        assert method in out
+    assert (tmp_path / "channels_removed.png").stat().st_size > 0
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0] == "seed,optimizer,method,fraction,removed,accuracy,macs,latency" and len(rows) == 1 + 1 + 5
 
 
 def test_step_time_benchmark():
