@@ -4,13 +4,17 @@ A BatchNorm CNN (32-64-64 channels, 160 prunable) is trained on scikit-learn's d
 ends with the same number of channels, removed for real with `lightning_spred.shrink` (a removed channel's filter,
 bias and BatchNorm scale and shift are zero), within the same number of epochs and with the same optimizer:
 
-- spred: `groups={conv: "channel"}` (each filter with its bias and BatchNorm), `target_groups` = the channels
-  to keep (lam rises until they are left), the last 30% of the epochs an un-penalised refit with the zeros kept;
+- spred target: `groups={conv: "channel"}` (each filter with its bias and BatchNorm), `target_groups` = the
+  channels to keep (lam rises until they are left), the last 30% of the epochs an un-penalised refit with the
+  zeros kept;
+- spred, then prune: the same channel groups at a fixed `lam` (1e-3, as naive group L1) for 70% of the epochs,
+  then the weakest channel groups of each layer removed and fine-tuning, like the methods below;
 - torch-pruning's magnitude pruning (L1 norm of the filters, the same fraction in every layer) after 70% of the
   epochs, then fine-tuning;
 - network slimming (L1 on the BatchNorm scales, torch-pruning's `BNScalePruner`, global threshold), then
   fine-tuning;
-- naive group L1: the same group penalty as spred in the loss, then the weakest channels removed, fine-tuning;
+- naive group L1: the same group penalty as spred in the loss, then the weakest channels of each layer removed,
+  fine-tuning;
 - gradual magnitude pruning: torch-pruning's magnitude pruner in 10 steps over the first 70% of the epochs,
   then fine-tuning.
 
@@ -99,19 +103,13 @@ def channel_norms(net: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def zero_weakest(net: nn.Module, fraction: float) -> nn.Module:
-    """Zero the channel groups with the smallest norms, over all layers (at least one channel left per layer)."""
-    norms = channel_norms(net)
-    flat = torch.cat(norms)
-    cut = int(round(fraction * len(flat)))
-    order = torch.argsort(flat)
-    removed = torch.zeros(len(flat), dtype=torch.bool)
-    removed[order[:cut]] = True
-    for path, mask in zip(CONVS, removed.split([len(n) for n in norms])):
-        if mask.all():
-            mask[torch.argmax(norms[CONVS.index(path)])] = False
+    """Zero the channel groups with the smallest norms, the same fraction in every layer (as torch-pruning's
+    magnitude pruner does: a ranking across layers would compare scales that differ from layer to layer)."""
+    for path, norms in zip(CONVS, channel_norms(net)):
+        removed = torch.argsort(norms)[: int(round(fraction * len(norms)))]
         conv, norm = net[int(path[4:])], net[int(path[4:]) + 1]
         for tensor in (conv.weight, conv.bias, norm.weight, norm.bias):
-            tensor[mask] = 0
+            tensor[removed] = 0
     return net
 
 
@@ -119,7 +117,7 @@ def shrunk(net: nn.Module, example: torch.Tensor) -> nn.Module:
     return shrink(net.eval(), example).model.train()
 
 
-def spred(data, example, args, optimizer, fraction, dense_channels):
+def spred_target(data, example, args, optimizer, fraction, dense_channels):
     keep = dense_channels - int(round(fraction * dense_channels))
     groups = {f"{path}.weight": "channel" for path in CONVS}
     callback = SpredCallback(groups=groups, target_groups=keep, refit_fraction=0.3, threshold=1e-3, verbose=False,
@@ -184,8 +182,19 @@ def gradual(data, example, args, optimizer, fraction, dense_channels):
     return train(net, data, args.epochs - stages * (first // stages), args, optimizer)
 
 
+class ChannelPenalty(SpredCallback):
+    """spred's channel groups on the three convolutions at a fixed lam."""
+
+    def __init__(self, lam: float) -> None:
+        super().__init__(lam, groups={f"{path}.weight": "channel" for path in CONVS}, threshold=1e-3, verbose=False,
+                         print_report=False)  # fmt: skip
+
+
 METHODS = {
-    "spred": spred,
+    "spred target": spred_target,
+    "spred, then prune": prune_then_finetune(
+        lambda net, f, example: shrunk(zero_weakest(net, f), example), callbacks=lambda: [ChannelPenalty(1e-3)]
+    ),
     "torch-pruning magnitude": prune_then_finetune(magnitude),
     "network slimming": prune_then_finetune(slimming_prune, callbacks=lambda: [Slimming()]),
     "naive group L1": prune_then_finetune(lambda net, f, example: shrunk(zero_weakest(net, f), example), naive=1e-3),
@@ -261,19 +270,21 @@ def main() -> None:
 
 
 def summary(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\nTest accuracy of the shrunk network, mean ± std over {args.seeds} seeds (MACs and latency: / dense):")
+    print(f"\nTest accuracy of the shrunk network, mean ± std over {args.seeds} seeds (channels removed, MACs and"
+          " latency / dense):")  # fmt: skip
     for optimizer in args.optimizers:
         dense = [r["accuracy"] for r in rows if r["optimizer"] == optimizer and r["method"] == "dense"]
         print(f"\n{optimizer}: dense {np.mean(dense):.3f} ± {np.std(dense):.3f}")
-        print(f"{'method':24}" + "".join(f"{f'{f:.0%} removed':>30}" for f in args.fractions))
+        print(f"{'method':24}" + "".join(f"{f'target: {f:.0%} removed':>36}" for f in args.fractions))
         for method in args.methods:
             cells = []
             for fraction in args.fractions:
                 chosen = [r for r in rows if (r["optimizer"], r["method"], r["fraction"]) == (optimizer, method, fraction)]
                 acc = [r["accuracy"] for r in chosen]
-                macs, latency = np.mean([r["macs"] for r in chosen]), np.mean([r["latency"] for r in chosen])
-                cells.append(f"{np.mean(acc):.3f} ± {np.std(acc):.3f} ({macs:.2f}, {latency:.2f}x)")
-            print(f"{method:24}" + "".join(f"{c:>30}" for c in cells))
+                removed, macs = np.mean([r["removed"] for r in chosen]), np.mean([r["macs"] for r in chosen])
+                latency = np.mean([r["latency"] for r in chosen])
+                cells.append(f"{np.mean(acc):.3f} ± {np.std(acc):.3f} ({removed:.0%}, {macs:.2f}, {latency:.2f}x)")
+            print(f"{method:24}" + "".join(f"{c:>36}" for c in cells))
 
 
 def plot(rows: list[dict], args: argparse.Namespace) -> None:

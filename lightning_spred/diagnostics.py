@@ -2,6 +2,8 @@
 
 - **Scale absorbed.** A normalisation (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) right after a penalised
   layer undoes that layer's scale, so the penalty shrinks the weights towards zero without removing anything.
+  With channel groups (the normalisation in the group), the next layer's normalisation undoes the common scale
+  of all the channels: they shrink together and reach zero nearly at once.
 - **Scale escape.** A penalised layer followed, through positively homogeneous steps (ReLU, pooling, dropout,
   flatten), by a layer that is neither penalised nor weight-decayed can hand its scale to that layer: the penalty
   then shrinks every weight of the first layer alike instead of choosing among them.
@@ -73,6 +75,7 @@ class ForwardTrace:
     def consumers(self, module: nn.Module, through: tuple[type, ...] = ()) -> list[nn.Module]:
         """Modules whose input is ``module``'s output, looking past modules of the types in ``through``."""
         outputs = {out for m, _, out in self.calls if m is module}
+        seen = set(outputs)  # an in-place module (ReLU(inplace=True)) returns its input: do not go round
         found: list[nn.Module] = []
         while outputs:
             nxt: set[int] = set()
@@ -82,7 +85,8 @@ class ForwardTrace:
                         nxt.add(out)
                     elif all(m is not f for f in found):
                         found.append(m)
-            outputs = nxt
+            outputs = nxt - seen
+            seen |= nxt
         return found
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -109,6 +113,9 @@ def degenerate_penalties(
     for f in terms:
         own = {id(w) for w in f.weights}  # a channel group holds the normalisation after its layer
         for member in f.members:
+            if isinstance(member.module, _NORMS) and member.name == "weight":
+                messages += _collapse(trace, f.name, member.module)
+                continue
             if member.name != "weight" or isinstance(member.module, _NORMS):
                 continue
             consumers = trace.consumers(member.module)
@@ -136,6 +143,21 @@ def degenerate_penalties(
                     " or a penalty of its own."
                 )
     return messages
+
+
+def _collapse(trace: ForwardTrace, name: str, norm: nn.Module) -> list[str]:
+    """A channel group whose normalised output feeds a layer that is normalised again: a common scale is free."""
+    for layer in trace.consumers(norm, through=_HOMOGENEOUS):
+        following = [m for m in trace.consumers(layer) if isinstance(m, _NORMS)]
+        if following:
+            return [
+                f"The channels of `{name}` feed a {type(layer).__name__} whose {type(following[0]).__name__} undoes"
+                " their common scale: the group penalty can shrink all of them together, so they reach zero"
+                " nearly at once instead of one by one (a target counted across layers can switch a whole layer"
+                " off). Keep `lam` fixed and small and remove the weakest channels of each layer (their group"
+                " norms), as network slimming does."
+            ]
+    return []
 
 
 def dead_terms(terms: Sequence[Factorization]) -> list[str]:

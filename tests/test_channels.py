@@ -66,7 +66,11 @@ def test_channel_groups_zero_whole_channels_and_shrink_removes_them_exactly():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_trainer(max_epochs=40, callbacks=[spred]).fit(Classifier(net), images())
-    assert not [w for w in caught if "undoes its scale" in str(w.message)]  # the BatchNorm is in the group
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "undoes its scale" in m]  # the BatchNorm is in the group
+    # ... but the next BatchNorm undoes the common scale of the first layer's channels: said once, for that layer
+    (collapse,) = [m for m in messages if "undoes their common scale" in m]
+    assert collapse.startswith("The channels of `net.0.weight` feed a Conv2d whose BatchNorm2d undoes")
     dead = {}
     for conv, norm in ((0, 1), (3, 4)):
         columns = [net[conv].weight.flatten(1), net[conv].bias, net[norm].weight, net[norm].bias]

@@ -54,11 +54,12 @@ def test_compression_example(tmp_path):
         "examples/compression.py", "--epochs", "4", "--seeds", "1", "--fractions", "0.5", "--optimizers", "sgd",
         "--out", str(tmp_path),
     )  # fmt: skip
-    for method in ("spred", "torch-pruning magnitude", "network slimming", "naive group L1", "gradual magnitude"):
+    methods = ("spred target", "spred, then prune", "torch-pruning magnitude", "network slimming", "naive group L1")
+    for method in (*methods, "gradual magnitude"):
         assert method in out
     assert (tmp_path / "channels_removed.png").stat().st_size > 0
     rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert rows[0] == "seed,optimizer,method,fraction,removed,accuracy,macs,latency" and len(rows) == 1 + 1 + 5
+    assert rows[0] == "seed,optimizer,method,fraction,removed,accuracy,macs,latency" and len(rows) == 1 + 1 + 6
 
 
 def test_step_time_benchmark():
