@@ -24,7 +24,7 @@ from lightning_spred.diagnostics import ForwardTrace, L2PhaseForecast, dead_term
 from lightning_spred.factorization import Factorization, Member
 from lightning_spred.functional import threshold as threshold_tensor
 from lightning_spred.groups import FeatureSelection, rank_groups, selected_features
-from lightning_spred.lam_max import lam_max, side_effect_free
+from lightning_spred.lam_max import lam_max_of_batch
 from lightning_spred.optimizer_hooks import FactorStepper
 from lightning_spred.path import Path, PathPoint, PathRecorder
 from lightning_spred.report import SparsityReport, sparsity_report
@@ -157,9 +157,8 @@ class SpredCallback(Callback):
         if not 0 <= check_coefficient("refit_fraction", refit_fraction) < 1:
             raise ValueError(f"`refit_fraction` must be in [0, 1), got {refit_fraction}.")
         self.lam_max = None if lam_max is None else check_coefficient("lam_max", lam_max)
-        if isinstance(record_path, bool) or not isinstance(record_path, int) or record_path < 1:
-            if record_path is not True and record_path is not False:
-                raise ValueError(f"`record_path` must be True, False or a number of steps >= 1, got {record_path!r}.")
+        if not isinstance(record_path, bool) and not (isinstance(record_path, int) and record_path >= 1):
+            raise ValueError(f"`record_path` must be True, False or a number of steps >= 1, got {record_path!r}.")
         self.record_path = record_path
         self.path_dir = path_dir
         self.verbose = verbose
@@ -248,7 +247,8 @@ class SpredCallback(Callback):
         if parameter not in grouped:
             raise ValueError(f"`{parameter}` was not penalised with groups; grouped weights: {list(grouped)}.")
         f = grouped[parameter]
-        return selected_features(f.weights[0], f.dims[0], names, k, self._recorder.exit_lam.get(parameter))
+        exit_lam = self._recorder.exit_lam.get(parameter)
+        return selected_features(f.weights[0], f.dims[0], names, k, exit_lam, norms=f.norms())
 
     def restore(self, point: PathPoint, model: Optional[nn.Module] = None) -> None:
         """Load a path point's snapshot into the fitted model (or ``model``).
@@ -349,7 +349,7 @@ class SpredCallback(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.steering.needs_lam_max:
-            self.steering.lam_max = self._compute_lam_max(trainer, pl_module, batch, batch_idx)
+            self.steering.lam_max = lam_max_of_batch(trainer, pl_module, batch, batch_idx, self._scheduled_terms())
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -571,33 +571,6 @@ class SpredCallback(Callback):
         if self.steering.target_groups is not None:
             return f"target_groups={self.steering.target_groups}"
         return f"refit_fraction={self.steering.refit_fraction}"
-
-    def _compute_lam_max(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> float:
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "SpredCallback computes `lam_max` from a training step, which manual optimization cannot run"
-                " without stepping: give `lam_max=` (or an absolute schedule) instead."
-            )
-
-        def loss() -> Tensor:
-            output = pl_module.training_step(batch, batch_idx)
-            return output["loss"] if isinstance(output, Mapping) else output
-
-        def mean(grad: Tensor) -> Tensor:
-            return trainer.strategy.reduce(grad, reduce_op="mean")
-
-        terms = self._scheduled_terms()
-        with side_effect_free(pl_module):
-            value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean) for f in terms)
-            if value == 0:
-                value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean, at_zero=False) for f in terms)
-                rank_zero_info(
-                    "SpredCallback: the penalised weights get no gradient at zero (their output goes through a ReLU"
-                    f" or the like), so lam_max is 0; scaling with the largest gradient norm now, {value:.4g}, instead."
-                )
-                return value
-        rank_zero_info(f"SpredCallback: lam_max = {value:.4g} (largest of {len(terms)} weights), from one batch.")
-        return value
 
     def _record(self, trainer: Trainer, pl_module: LightningModule) -> None:
         point = self._recorder.record(

@@ -78,6 +78,7 @@ class Factorization:
         self.step_size: Optional[float] = None
         self._buffers: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._norms: Optional[tuple[tuple[int, ...], Tensor]] = None
+        self._product: Optional[Tensor] = None
 
     def __repr__(self) -> str:
         return f"Factorization({self.name!r}, lam={self.lam:g}, members={[m.path for m in self.members]})"
@@ -168,6 +169,14 @@ class Factorization:
     def refresh(self) -> None:
         """Set every weight to ``u_i * v``, with entries (or groups) of magnitude ``<= threshold`` exactly zero."""
         assert self.u is not None and self.v is not None
+        if not self.grouped and self.threshold > 0:
+            # two passes instead of four (product, |.|, comparison, fill): the product into a scratch buffer,
+            # then hardshrink (zero where |x| <= threshold) into the weight
+            if self._product is None or self._product.device != self.v.device:
+                self._product = torch.empty_like(self.v)
+            torch.mul(self.u[0], self.v, out=self._product)
+            torch.ops.aten.hardshrink.out(self._product, self.threshold, out=self.weights[0])
+            return
         for u, w, dim in zip(self.u, self.weights, self.dims):
             torch.mul(u, self.v.reshape(scale_shape(u.shape, dim)), out=w)
         self.zero_small()

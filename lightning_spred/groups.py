@@ -84,6 +84,7 @@ def selected_features(
     names: Optional[Sequence[str]] = None,
     k: Optional[int] = None,
     exit_lam: Optional[Tensor] = None,
+    norms: Optional[Tensor] = None,
 ) -> FeatureSelection:
     """The groups along ``dim`` of ``weight`` in use (``dim=1``: input features of a ``Linear``).
 
@@ -94,6 +95,7 @@ def selected_features(
         k: return exactly ``k`` groups: the last ``k`` to leave the path when ``exit_lam`` is given (ties, and
             groups still in use, by norm), else the ``k`` largest norms.
         exit_lam: for each group, the ``lam`` at which it left the path (``inf`` if it is still in use).
+        norms: the groups' norms, when a group spans more tensors than ``weight`` (a channel group).
 
     Raises:
         ValueError: ``names`` does not have one entry per group, or ``k`` is larger than the number of groups.
@@ -105,7 +107,7 @@ def selected_features(
         >>> selected_features(w, k=1).indices
         (1,)
     """
-    norms = group_norms(weight.detach(), dim).float().cpu()
+    norms = (group_norms(weight.detach(), dim) if norms is None else norms).float().cpu()
     count = len(norms)
     if names is not None and len(names) != count:
         raise ValueError(f"Got {len(names)} names for {count} groups along dim {dim}: give one name per group.")

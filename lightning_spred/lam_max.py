@@ -10,14 +10,17 @@ times two for ``MSELoss``); for a network it moves as the other layers train, so
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_spred.factorization import Factorization
 from lightning_spred.functional import group_norms
 
-__all__ = ["lam_max", "side_effect_free"]
+__all__ = ["lam_max", "lam_max_of_batch", "side_effect_free"]
 
 
 def lam_max(
@@ -86,3 +89,37 @@ def side_effect_free(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in buffers:
                 buffer.copy_(value)
+
+
+def lam_max_of_batch(
+    trainer: Trainer, module: LightningModule, batch: Any, batch_idx: int, terms: Sequence[Factorization]
+) -> float:
+    """The largest :func:`lam_max` of the penalty terms, from the training loss of one batch (averaged over DDP ranks).
+
+    Raises:
+        ValueError: the module uses manual optimization, whose training step cannot run without stepping.
+    """
+    if not module.automatic_optimization:
+        raise ValueError(
+            "SpredCallback computes `lam_max` from a training step, which manual optimization cannot run"
+            " without stepping: give `lam_max=` (or an absolute schedule) instead."
+        )
+
+    def loss() -> Tensor:
+        output = module.training_step(batch, batch_idx)
+        return output["loss"] if isinstance(output, Mapping) else output
+
+    def mean(grad: Tensor) -> Tensor:
+        return trainer.strategy.reduce(grad, reduce_op="mean")
+
+    with side_effect_free(module):
+        value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean) for f in terms)
+        if value == 0:
+            value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean, at_zero=False) for f in terms)
+            rank_zero_info(
+                "SpredCallback: the penalised weights get no gradient at zero (their output goes through a ReLU"
+                f" or the like), so lam_max is 0; scaling with the largest gradient norm now, {value:.4g}, instead."
+            )
+            return value
+    rank_zero_info(f"SpredCallback: lam_max = {value:.4g} (largest of {len(terms)} weights), from one batch.")
+    return value
