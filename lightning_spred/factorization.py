@@ -177,9 +177,17 @@ class Factorization:
             torch.mul(self.u[0], self.v, out=self._product)
             torch.ops.aten.hardshrink.out(self._product, self.threshold, out=self.weights[0])
             return
+        v, norms = self.v, None
+        if self.grouped and self.threshold > 0:
+            # ||w_g|| = |v_g| ||u_g||: the small groups are found from the factors and zeroed through v, so the
+            # product is the only pass that writes the weights (not product, then norms, then a fill)
+            norms = self.factor_norms()
+            kept = norms.le(self.threshold).logical_not_()  # not `>`: a NaN group stays NaN, it is not zeroed
+            v, norms = v * kept, norms.mul_(kept)
         for u, w, dim in zip(self.u, self.weights, self.dims):
-            torch.mul(u, self.v.reshape(scale_shape(u.shape, dim)), out=w)
-        self.zero_small()
+            torch.mul(u, v.reshape(scale_shape(u.shape, dim)), out=w)
+        if norms is not None:
+            self._norms = (tuple(w._version for w in self.weights), norms)
 
     @torch.no_grad()
     def zero_small(self) -> None:
@@ -201,8 +209,10 @@ class Factorization:
         assert self.u is not None and self.v is not None
         if not self.grouped:
             return (self.u[0] * self.v).abs()
+        if len(self.u) == 1:
+            return group_norms(self.u[0], self.dims[0]).mul_(self.v.abs())
         squares = sum(group_norms(u, dim).square() for u, dim in zip(self.u, self.dims))
-        return squares.sqrt() * self.v.abs()
+        return squares.sqrt().mul_(self.v.abs())
 
     @torch.no_grad()
     def keep_zeros(self, dead: Optional[Tensor] = None) -> None:
