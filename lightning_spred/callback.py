@@ -31,7 +31,7 @@ from lightning_spred.report import SparsityReport, sparsity_report
 from lightning_spred.schedules import LamSchedule
 from lightning_spred.selection import DEFAULT_MODULES, GroupDim, PenalisedParameter, SelectFn, select_parameters
 from lightning_spred.steering import Steering
-from lightning_spred.wandb_views import log_layer_views, write_summary
+from lightning_spred.wandb_views import log_layer_views, log_path, write_summary
 
 __all__ = ["SpredCallback"]
 
@@ -86,7 +86,9 @@ class SpredCallback(Callback):
         lam_max: the ``lam_max`` that relative schedules and targets scale with; by default it is computed from the
             first training batch (``max_g ||dL/dw_g||`` at ``w_g = 0``, one forward and backward pass per weight).
         record_path: record path points: ``True`` at every validation end (every epoch end without validation),
-            an integer ``n`` every ``n`` optimizer steps. See :attr:`path` and :meth:`restore`.
+            an integer ``n`` every ``n`` optimizer steps. Logged as ``spred/path/*`` to every logger, and to W&B
+            at the end as a table with a plot of each metric against the groups in use. See :attr:`path` and
+            :meth:`restore`.
         path_dir: save the path's snapshots there instead of keeping them in memory.
         verbose: print which parameters are penalised when fitting starts (rank zero only).
         print_report: print the per-layer sparsity table when fitting ends (rank zero only).
@@ -421,6 +423,7 @@ class SpredCallback(Callback):
             rank_zero_info(f"SpredCallback: sparsity of the penalised weights\n{self.report()}")
         for experiment in _wandb_runs(trainer):
             write_summary(experiment, self.report())
+            log_path(experiment, self.path)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning skips `teardown` when fit raises or is interrupted: merge here so the user keeps a plain model.

@@ -7,9 +7,10 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from lightning_spred.path import Path
 from lightning_spred.report import SparsityReport
 
-__all__ = ["log_layer_views", "write_summary"]
+__all__ = ["log_layer_views", "log_path", "write_summary"]
 
 
 def log_layer_views(experiment: Any, named_weights: Iterable[tuple[str, Tensor]], step: int) -> None:
@@ -41,3 +42,28 @@ def write_summary(experiment: Any, report: SparsityReport) -> None:
     experiment.log({"spred/layer_sparsity": wandb.plot.bar(table, "layer", "sparsity", title="Sparsity per layer")})
     for key, value in report.as_dict().items():
         experiment.summary[f"spred/final/{key}"] = value
+
+
+def log_path(experiment: Any, path: Path) -> None:
+    """Log the recorded path once, as one table, with a line plot of each metric against the groups in use (or the
+    nonzero weights when nothing is grouped): the accuracy-against-features curve of a path.
+
+    Args:
+        experiment: a ``wandb`` run (``WandbLogger.experiment``).
+        path: the points recorded during fit (:attr:`SpredCallback.path`); nothing is logged when it is empty.
+    """
+    import wandb
+
+    if not path:
+        return
+    rows = [{**point.as_dict(), "groups": sum(point.groups.values())} for point in path]
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # metrics logged later join at the end
+    table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+    x = "groups" if path[0].groups else "nonzeros"
+    # not under `spred/path/`, where the path's scalars are: a W&B key cannot be both a value and a parent
+    views: dict[str, Any] = {"spred/path_table": table}
+    metrics = {m for point in path for m in point.metrics if not m.startswith("spred/")}  # the user's metrics
+    for metric in sorted(metrics):
+        title = f"{metric} along the path"
+        views[f"spred/path_plot/{metric}_vs_{x}"] = wandb.plot.line(table, x, metric, title=title)
+    experiment.log(views)

@@ -1,6 +1,7 @@
 """Sparsity you can watch: logged metrics, the torchmetrics metric, W&B views and the final report."""
 
 import csv
+import json
 import logging
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
 from wandb_records import history_and_summary
 
-from lightning_spred import SpredCallback
+from lightning_spred import GeometricRamp, SpredCallback
 from lightning_spred.metrics import Sparsity
 
 LAYERS = ("net.0.weight", "net.3.weight")
@@ -92,16 +93,27 @@ def test_sparsity_metric_agrees_with_a_direct_count():
         Sparsity(threshold=-1)
 
 
-def test_wandb_offline_run_holds_the_views_and_summary(tmp_path, monkeypatch):
+def offline_wandb_run(tmp_path, monkeypatch, fit):
+    """Fit with an offline WandbLogger; return the run's history, summary and directory once written to disk."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lightning-spred-tests")
-    model, callback, _ = fit_logged(tmp_path, logger, epochs=5)
+    fit(logger)
     run_dir = Path(logger.experiment.dir).parent
     logger.experiment.finish()
     # `finish` can return before wandb's service has written the last records of an offline run;
     # stopping the service waits for it to close the file.
     wandb.teardown()
-    history, summary = history_and_summary(run_dir)
+    return (*history_and_summary(run_dir), run_dir)
+
+
+def test_wandb_offline_run_holds_the_views_and_summary(tmp_path, monkeypatch):
+    fitted = {}
+
+    def fit(logger):
+        fitted["model"], fitted["callback"], _ = fit_logged(tmp_path, logger, epochs=5)
+
+    history, summary, _ = offline_wandb_run(tmp_path, monkeypatch, fit)
+    model, callback = fitted["model"], fitted["callback"]
 
     keys = set().union(*history)
     assert "spred/sparsity" in keys and all(f"spred/sparsity/{n}" in keys for n in LAYERS)
@@ -122,3 +134,30 @@ def test_wandb_offline_run_holds_the_views_and_summary(tmp_path, monkeypatch):
         report.total.compression
     )
     assert summary[f"spred/final/sparsity/{LAYERS[1]}"] == pytest.approx(report.layers[1].sparsity)
+
+
+def test_wandb_gets_the_path_as_a_table_and_a_metric_against_features_plot(tmp_path, monkeypatch):
+    # the head's inputs (the hidden units): no normalisation after it to absorb the penalty
+    callback = SpredCallback(
+        GeometricRamp(0.01, 10.0, steps=50, relative=True), groups={"net.3.weight": "input"}, record_path=True
+    )
+    data = classification_data()
+    model = MLP(optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
+
+    def fit(logger):
+        quiet_trainer(max_epochs=15, callbacks=[callback], logger=logger).fit(model, data, data)
+
+    history, _, run_dir = offline_wandb_run(tmp_path, monkeypatch, fit)
+    (row,) = [row for row in history if "spred/path_table/path" in row]  # logged once, at the end
+    assert row["spred/path_table/nrows"] == len(callback.path) == 15  # a point per validation
+    written = json.loads((run_dir / "files" / row["spred/path_table/path"]).read_text())
+    columns = written["columns"]
+    expected = [{**p.as_dict(), "groups": p.groups["net.3.weight"]} for p in callback.path]
+    assert [dict(zip(columns, values)) for values in written["data"]] == [
+        {c: pytest.approx(e.get(c)) for c in columns}
+        for e in expected  # a metric not yet logged is empty
+    ]
+    groups = [e["groups"] for e in expected]
+    assert groups[0] == 16 and groups[-1] < 16  # the path goes from dense to sparse
+    plots = {k for k in row if k.startswith("spred/path_plot/") and k.endswith("/_type")}
+    assert plots == {"spred/path_plot/val_loss_vs_groups_table/_type"}  # the user's metric, not spred's own
