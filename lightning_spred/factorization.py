@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_spred.functional import balance, factor_gradients, group_norms, scale_shape
+from lightning_spred.functional import balance, factor_gradients, joint_group_norms, scale_shape
 
 __all__ = ["Factorization", "Member"]
 
@@ -116,11 +116,7 @@ class Factorization:
             return weights[0].detach().abs()
         versions = tuple(w._version for w in weights)
         if self._norms is None or self._norms[0] != versions:
-            if len(weights) == 1:
-                norms = group_norms(weights[0].detach(), self.dims[0])
-            else:
-                norms = sum(group_norms(w.detach(), dim).square() for w, dim in zip(weights, self.dims)).sqrt()
-            self._norms = (versions, norms)
+            self._norms = (versions, joint_group_norms([w.detach() for w in weights], self.dims))
         return self._norms[1]
 
     @torch.no_grad()
@@ -209,10 +205,7 @@ class Factorization:
         assert self.u is not None and self.v is not None
         if not self.grouped:
             return (self.u[0] * self.v).abs()
-        if len(self.u) == 1:
-            return group_norms(self.u[0], self.dims[0]).mul_(self.v.abs())
-        squares = sum(group_norms(u, dim).square() for u, dim in zip(self.u, self.dims))
-        return squares.sqrt().mul_(self.v.abs())
+        return joint_group_norms(self.u, self.dims).mul_(self.v.abs())
 
     @torch.no_grad()
     def keep_zeros(self, dead: Optional[Tensor] = None) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "count_zeros",
     "factor_gradients",
     "group_norms",
+    "joint_group_norms",
     "penalty",
     "scale_shape",
     "sparsity",
@@ -128,6 +129,21 @@ def group_norms(weight: Tensor, dim: Optional[int]) -> Tensor:
     return weight.square().sum(dim=other).sqrt() if other else weight.abs()
 
 
+def joint_group_norms(tensors: Sequence[Tensor], dims: Sequence[Optional[int]]) -> Tensor:
+    """Euclidean norm of each group across several tensors that share the groups (a channel: its filter, bias and
+    BatchNorm scale and shift), shaped like the first tensor's :func:`group_norms`.
+
+    Example:
+        >>> joint_group_norms([torch.tensor([[3.0], [0.0]]), torch.tensor([4.0, 1.0])], dims=[0, 0])
+        tensor([5., 1.])
+    """
+    first = group_norms(tensors[0], dims[0])
+    if len(tensors) == 1:
+        return first
+    squares = sum(group_norms(t, dim).reshape(first.shape).square() for t, dim in zip(tensors[1:], dims[1:]))
+    return (first.square() + squares).sqrt()
+
+
 def penalty(weight: Tensor, lam: float, dim: Optional[int] = None) -> Tensor:
     """The penalty spred minimises: ``lam * sum|w|``, or ``lam * sum_g ||w_g||_2`` for groups along ``dim``.
 
@@ -196,7 +212,7 @@ def balance(us: Sequence[Tensor], v: Tensor, dims: Sequence[Optional[int]]) -> T
         >>> balance([torch.tensor([2.0, 0.1])], torch.tensor([2.0, 1.0]), [None])
         tensor(0.9101)
     """
-    a = sum(group_norms(u, dim).reshape(v.shape).square() for u, dim in zip(us, dims))
+    a = joint_group_norms(us, dims).reshape(v.shape).square()
     b = v.square()
     total = (a + b).sum()
     if total == 0:

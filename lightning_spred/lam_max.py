@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_spred.factorization import Factorization
-from lightning_spred.functional import group_norms
+from lightning_spred.functional import joint_group_norms
 
 __all__ = ["lam_max", "lam_max_of_batch", "side_effect_free"]
 
@@ -58,10 +58,8 @@ def lam_max(
         with torch.no_grad():
             for w, value in zip(weights, saved):
                 w.copy_(value)
-    squares = sum(
-        group_norms(reduce(torch.zeros_like(w) if g is None else g), dim).square() for w, g in zip(weights, grads)
-    )
-    return float(squares.sqrt().max())
+    grads = [reduce(torch.zeros_like(w) if g is None else g) for w, g in zip(weights, grads)]
+    return float(joint_group_norms(grads, [dim] * len(grads)).max())
 
 
 @contextlib.contextmanager
