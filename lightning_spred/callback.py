@@ -550,13 +550,21 @@ class SpredCallback(Callback):
         # Entering hold or refit, zeros stay zero (their factors and moments are zeroed). A group target keeps the
         # `k` groups that left the path last: those in use, and the ones that just left (a rising lam switches
         # groups off with a lag, so the count can fall past `k` in one step): they can grow back, the others not.
-        if phase == "hold" and self.steering.target_groups is not None:
-            self._keep_last_groups(self.steering.target_groups)
-        elif phase == "hold" or self.steering.target_groups is None or self.steering.reached_step is None:
-            for f in self._scheduled_terms() if phase == "hold" else self._terms:
-                if f.started:
-                    f.keep_zeros()
+        target_groups = self.steering.target_groups
+        if phase == "hold":
+            if target_groups is not None:
+                self._keep_last_groups(target_groups)
+            else:
+                self._keep_zeros(self._scheduled_terms())
+        elif target_groups is None or self.steering.reached_step is None:  # refit (after a group hold: kept already)
+            self._keep_zeros(self._terms)
         rank_zero_info(f"SpredCallback: step {trainer.global_step}, {phase} phase ({self._target_text()}).")
+
+    @staticmethod
+    def _keep_zeros(terms: Sequence[Factorization]) -> None:
+        for f in terms:
+            if f.started:
+                f.keep_zeros()
 
     def _keep_last_groups(self, k: int) -> None:
         terms = [f for f in self._scheduled_terms() if f.grouped and f.started]

@@ -49,9 +49,10 @@ def lam_max(
     """
     saved = [w.detach().clone() for w in weights]
     try:
-        with torch.no_grad():
-            for w in weights:
-                w.mul_(0.0 if at_zero else 1.0)
+        if at_zero:
+            with torch.no_grad():
+                for w in weights:
+                    w.zero_()
         with torch.enable_grad():
             grads = torch.autograd.grad(loss_fn(), list(weights), allow_unused=True)
     finally:
@@ -112,12 +113,14 @@ def lam_max_of_batch(
 
     with side_effect_free(module):
         value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean) for f in terms)
-        if value == 0:
+        vanished = value == 0
+        if vanished:
             value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean, at_zero=False) for f in terms)
-            rank_zero_info(
-                "SpredCallback: the penalised weights get no gradient at zero (their output goes through a ReLU"
-                f" or the like), so lam_max is 0; scaling with the largest gradient norm now, {value:.4g}, instead."
-            )
-            return value
-    rank_zero_info(f"SpredCallback: lam_max = {value:.4g} (largest of {len(terms)} weights), from one batch.")
+    if vanished:
+        rank_zero_info(
+            "SpredCallback: the penalised weights get no gradient at zero (their output goes through a ReLU"
+            f" or the like), so lam_max is 0; scaling with the largest gradient norm now, {value:.4g}, instead."
+        )
+    else:
+        rank_zero_info(f"SpredCallback: lam_max = {value:.4g} (largest of {len(terms)} weights), from one batch.")
     return value
