@@ -279,7 +279,9 @@ def summary(rows: list[dict], args: argparse.Namespace) -> None:
         for method in args.methods:
             cells = []
             for fraction in args.fractions:
-                chosen = [r for r in rows if (r["optimizer"], r["method"], r["fraction"]) == (optimizer, method, fraction)]
+                chosen = [
+                    r for r in rows if (r["optimizer"], r["method"], r["fraction"]) == (optimizer, method, fraction)
+                ]
                 acc = [r["accuracy"] for r in chosen]
                 removed, macs = np.mean([r["removed"] for r in chosen]), np.mean([r["macs"] for r in chosen])
                 latency = np.mean([r["latency"] for r in chosen])

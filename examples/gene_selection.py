@@ -102,7 +102,7 @@ def spred_ranker(hidden: int) -> Ranker:
         if left:
             print(f"  note: {left} genes were still in use at the end of the path (ranked by norm): raise --path-end")
         # every gene, the last to leave the path first (ties: the larger group norm)
-        return np.asarray(spred.selected_features(k=x.shape[1]).order())
+        return np.asarray(spred.selected_features(k=x.shape[1]).ranked_indices())
 
     return rank
 
@@ -183,7 +183,10 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-2, help="on the network's second layer")
     parser.add_argument("--panel", type=int, default=10, help="genes in the panel chosen on all samples")
     parser.add_argument(
-        "--panel-lr", type=float, default=0.03, help="the panel's learning rate: its ramp stops at lam = 0.5 (1 - 0.9) / lr"
+        "--panel-lr",
+        type=float,
+        default=0.03,
+        help="the panel's learning rate: its ramp stops at lam = 0.5 (1 - 0.9) / lr",
     )
     parser.add_argument("--no-lassonet", action="store_true", help="skip LassoNet even when it is installed")
     parser.add_argument("--logger", choices=["csv", "wandb", "none"], default="csv")
@@ -214,7 +217,9 @@ def main() -> None:
                 continue
             for k in args.ks:
                 accuracies[method][k].append(downstream_accuracy(x_train, y_train, x_test, y_test, order[:k]))
-        line = "  ".join(f"{m}: " + "/".join(f"{accuracies[m][k][-1]:.2f}" for k in args.ks) for m in accuracies if rankers[m])
+        line = "  ".join(
+            f"{m}: " + "/".join(f"{accuracies[m][k][-1]:.2f}" for k in args.ks) for m in accuracies if rankers[m]
+        )
         print(f"fold {fold + 1}/{args.folds * args.repeats}  {line}  [{time.perf_counter() - start:.0f}s]", flush=True)  # fmt: skip
 
     ranked = [m for m in rankers if rankers[m]]
@@ -223,7 +228,11 @@ def main() -> None:
     print(f"{'method':16}" + "".join(f"{'k=' + str(k):>15}" for k in args.ks) + f"{'seconds/fold':>15}")
     rows = []
     for method in rankers:
-        cells = [(np.mean(accuracies[method][k]), np.std(accuracies[method][k])) for k in args.ks] if rankers[method] else []
+        cells = (
+            [(np.mean(accuracies[method][k]), np.std(accuracies[method][k])) for k in args.ks]
+            if rankers[method]
+            else []
+        )
         figures = "".join(f"{m:>9.3f} ± {s:.3f}" for m, s in cells) or " " * 15 * len(args.ks)
         print(f"{method:16}{figures}{statistics.median(seconds[method]):>15.1f}")
         rows.append({"method": method, "seconds_per_fold": statistics.median(seconds[method]),
@@ -261,8 +270,9 @@ def panel(x_all: np.ndarray, y_all: np.ndarray, names: list[str], args: argparse
     print(f"\n`target_groups={args.panel}` on all {len(y_all)} samples keeps {len(selection)} of {len(names)} genes"
           f" (target reached at step {spred.steering.reached_step}, refitted without penalty; training accuracy"
           f" {train_accuracy:.3f}):")  # fmt: skip
-    for name, norm in selection.ranked():
-        print(f"  {name:<28} group norm {norm:.4f}")
+    norms = dict(zip(selection.sorted_names, selection.norms))
+    for name in selection.ranked_names():
+        print(f"  {name:<28} group norm {norms[name]:.4f}")
 
 
 def plot(accuracies: dict[str, dict[int, list[float]]], methods: list[str], args: argparse.Namespace) -> None:

@@ -2,14 +2,15 @@
 
 from lightning_spred.callback import SpredCallback
 from lightning_spred.factorization import Factorization, Member
-from lightning_spred.groups import FeatureSelection, selected_features
+from lightning_spred.features import FeatureSelection, selected_features
 from lightning_spred.lam_max import lam_max
 from lightning_spred.metrics import Sparsity
-from lightning_spred.path import Path, PathPoint
+from lightning_spred.parameters import DEFAULT_MODULES, PenalisedParameter, select_parameters
+from lightning_spred.path import PathPoint, RegularizationPath
 from lightning_spred.report import LayerSparsity, SparsityReport
 from lightning_spred.schedules import Constant, GeometricRamp, LambdaSchedule, LamSchedule, Warmup
-from lightning_spred.selection import DEFAULT_MODULES, PenalisedParameter, select_parameters
 from lightning_spred.shrink import ShrinkResult, shrink
+from lightning_spred.steering import Phase
 
 __version__ = "0.1.0"
 
@@ -23,9 +24,10 @@ __all__ = [
     "LambdaSchedule",
     "LayerSparsity",
     "Member",
-    "Path",
     "PathPoint",
     "PenalisedParameter",
+    "Phase",
+    "RegularizationPath",
     "ShrinkResult",
     "Sparsity",
     "SparsityReport",

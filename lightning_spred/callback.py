@@ -1,17 +1,25 @@
-"""``SpredCallback``: an exact L1 (or group L1) penalty for any LightningModule, added with one callback."""
+"""``SpredCallback``: an exact L1 (or group L1) penalty for any LightningModule, added with one callback.
+
+The callback is Lightning glue: the penalty terms (:mod:`~lightning_spred.terms`) hold the factors, the controller
+(:mod:`~lightning_spred.steering`) says what ``lam`` is and what a target prunes, the optimizer hooks
+(:mod:`~lightning_spred.optimizer_hooks`) train the factors inside each step, and :mod:`~lightning_spred.loggers` shows
+it. Each hook below is a few lines that call them at the right time.
+"""
 
 from __future__ import annotations
 
-import math
+import multiprocessing
+import tempfile
+import uuid
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_spred.channels import channel_members
+from lightning_spred.census import Census
 from lightning_spred.checks import (
     check_coefficient,
     check_groups,
@@ -19,19 +27,23 @@ from lightning_spred.checks import (
     check_optimizers,
     check_patterns,
     check_strategy,
+    training_budget,
 )
-from lightning_spred.diagnostics import ForwardTrace, L2PhaseForecast, dead_terms, degenerate_penalties
-from lightning_spred.factorization import Factorization, Member
+from lightning_spred.diagnostics import ForwardTrace, L2PhaseForecast, absorbed_terms, degenerate_penalties
+from lightning_spred.factorization import Factorization
+from lightning_spred.features import FeatureSelection, selected_features
 from lightning_spred.functional import threshold as threshold_tensor
-from lightning_spred.groups import FeatureSelection, rank_groups, selected_features
+from lightning_spred.group_kinds import GroupSpec
 from lightning_spred.lam_max import lam_max_of_batch
+from lightning_spred.loggers import SpredLogging
 from lightning_spred.optimizer_hooks import FactorStepper
-from lightning_spred.path import Path, PathPoint, PathRecorder
-from lightning_spred.report import SparsityReport, sparsity_report
+from lightning_spred.parameters import DEFAULT_MODULES, PenalisedParameter, SelectFn, select_parameters
+from lightning_spred.path import PathPoint, PathRecorder, RegularizationPath
+from lightning_spred.report import LayerSparsity, SparsityReport, sparsity_report
+from lightning_spred.resume import SavedTerms
 from lightning_spred.schedules import LamSchedule
-from lightning_spred.selection import DEFAULT_MODULES, GroupDim, PenalisedParameter, SelectFn, select_parameters
 from lightning_spred.steering import Steering
-from lightning_spred.wandb_views import log_layer_views, log_path, write_summary
+from lightning_spred.terms import PenaltyTerms
 
 __all__ = ["SpredCallback"]
 
@@ -49,27 +61,23 @@ class SpredCallback(Callback):
 
     The model is never changed structurally: its weights keep their names and ``nn.Parameter`` objects, its
     ``parameters()``, optimizer parameter groups, checkpoints and summaries are those of the plain model. The
-    factors live in this callback and take the weights' place inside the optimizer only while it steps (see
-    :mod:`lightning_spred.optimizer_hooks`). After every step the weights are ``u * v`` with entries
-    ``|w| <= threshold`` (groups: ``||w_g|| <= threshold``) exactly zero, so training, validation, checkpoints and
-    the model that leaves ``fit`` all use the sparse weights that are kept.
+    factors live in this callback and take the weights' place inside the optimizer only while it steps. After every
+    step the weights are ``u * v`` with entries ``|w| <= threshold`` (groups: ``||w_g|| <= threshold``) exactly
+    zero, so training, validation, checkpoints and the model that leaves ``fit`` use the sparse weights that are kept.
 
-    Steering ``lam``: it may be a number (changing ``callback.lam`` during fit takes effect at the next step), a
-    :class:`~lightning_spred.schedules.LamSchedule` (warm-up, geometric ramp, any function of the step), or left out
-    with a target (``target_sparsity`` or ``target_groups``), which raises ``lam`` geometrically from
-    ``lam_max * 1e-3`` (slowing down near the target, and never past the stable limit of SGD) until the target is
-    met, then holds it, keeping the zeros; a group target keeps the ``k`` groups that leave the path last.
-    ``refit_fraction`` ends the fit with an un-penalised fine-tune that keeps the zeros.
+    Steering ``lam``: a number (changing ``callback.lam`` during fit takes effect at the next step), a
+    :class:`~lightning_spred.schedules.LamSchedule`, or a target (``target_sparsity`` or ``target_groups``): the
+    count follows gradual pruning's cubic schedule to the target over the first two thirds of the steps, tracked
+    with feedback on ``lam`` and by pruning spred's smallest weights where the count lags; the last third trains
+    the plain weights within the zeros (see :mod:`lightning_spred.steering`). ``refit_fraction`` sets that last
+    part (and ends any fit with such a refit).
 
-    What it logs, through ``LightningModule.log`` so every logger gets it, every ``log_every_n_steps`` steps:
-    ``spred/sparsity`` (also in the progress bar), ``spred/sparsity/<name>`` per weight, ``spred/nonzeros``,
-    ``spred/penalty``, ``spred/lam`` and ``spred/balance`` (1: the factors are balanced and the penalty acts as L1;
-    towards 0: it still acts like L2 decay), and ``spred/groups/<name>`` for grouped weights. With a ``WandbLogger``
-    it also logs histograms of ``log10|w|`` and, at the end, a per-layer sparsity chart and the final figures in the
-    run summary. When fitting ends, a per-layer table is printed (rank zero) and kept: see :meth:`report`.
+    What it logs, through ``LightningModule.log`` so every logger gets it, every ``log_every_n_steps`` steps: see
+    :meth:`compute_metrics` and :mod:`lightning_spred.loggers`. When fitting ends, a per-layer table is printed
+    (rank zero) and kept: see :meth:`report`.
 
     Args:
-        lam: the L1 coefficient (``>= 0``), or a schedule; may be left out when a target is given.
+        lam: the L1 coefficient (``>= 0``) or a schedule; with a target, a number is where ``lam`` starts.
         threshold: magnitude at or below which entries (or groups) are exact zeros. Switched-off weights decay
             towards 0 exponentially but never reach it; raise it for short or noisy runs of deep networks (``1e-3``).
         modules: module types whose ``weight`` is penalised (default: ``Linear`` and ``Conv1d/2d/3d``, unless
@@ -78,18 +86,26 @@ class SpredCallback(Callback):
         exclude: name patterns of parameters never penalised.
         select: a function ``(name, module, parameter) -> bool`` that replaces ``modules`` and ``include``.
         lam_overrides: name pattern to a fixed ``lam`` of its own (not scheduled and not steered by a target).
-        groups: name pattern to group dimension: ``"input"`` (dim 1: input features of a ``Linear``, input
-            channels of a conv), ``"output"`` (dim 0: neurons, filters), an integer dimension, or ``None``.
-        target_sparsity: raise ``lam`` until this fraction of the penalised weights is zero, then hold.
-        target_groups: raise ``lam`` until at most this many groups are in use, then hold.
-        refit_fraction: the fraction of the training steps, at the end, trained without penalty, zeros kept.
+        groups: name pattern to group kind: ``"input"`` (dim 1: input features of a ``Linear``, input channels of a
+            conv), ``"output"`` (dim 0: neurons, filters), ``"channel"`` (dim 0 with the layer's bias and the
+            BatchNorm after it), a dimension index, or ``None`` (see :mod:`lightning_spred.group_kinds`).
+        target_sparsity: the fraction of the penalised entries to make zero.
+        target_groups: the number of groups (features, neurons, channels) to keep.
+        refit_fraction: the fraction of the steps, at the end, that train the plain weights without penalty within
+            the zeros (default: a third with a target, else none).
         lam_max: the ``lam_max`` that relative schedules and targets scale with; by default it is computed from the
-            first training batch (``max_g ||dL/dw_g||`` at ``w_g = 0``, one forward and backward pass per weight).
+            first training batch (one forward and backward pass per weight).
+        total_steps: the optimizer steps of the fit, for targets, relative schedules and refits when the trainer
+            cannot tell (an ``IterableDataset`` without ``max_steps``, ``max_time``).
+        check_every: a target reads its counts (one device-to-host transfer) and prunes every this many steps.
+        layer_floor: with a target, each penalised weight keeps at least this fraction of its share of the kept
+            entries, and at least one group (``0`` lets layers die).
+        prune_by: who chooses a target's zeros: ``"path"`` (``lam`` rises until the weights leave by themselves; the
+            default of ``target_groups``) or ``"magnitude"`` (``lam`` stays gentle and the schedule prunes the
+            smallest weights; the default of ``target_sparsity``). See :class:`~lightning_spred.steering.Steering`.
         record_path: record path points: ``True`` at every validation end (every epoch end without validation),
-            an integer ``n`` every ``n`` optimizer steps. Logged as ``spred/path/*`` to every logger, and to W&B
-            at the end as a table with a plot of each metric against the groups in use. See :attr:`path` and
-            :meth:`restore`.
-        path_dir: save the path's snapshots there instead of keeping them in memory.
+            an integer ``n`` every ``n`` optimizer steps. See :attr:`path` and :meth:`restore`.
+        path_dir: save the path's snapshots there instead of keeping them in memory (needs ``record_path``).
         verbose: print which parameters are penalised when fitting starts (rank zero only).
         print_report: print the per-layer sparsity table when fitting ends (rank zero only).
 
@@ -99,7 +115,7 @@ class SpredCallback(Callback):
 
     Example:
         >>> callback = SpredCallback(lam=1e-4)
-        >>> targeted = SpredCallback(groups={"net.0.weight": "input"}, target_groups=10, refit_fraction=0.2)
+        >>> targeted = SpredCallback(groups={"net.0.weight": "input"}, target_groups=10)
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[callback], max_epochs=1, logger=False)  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP
@@ -115,23 +131,36 @@ class SpredCallback(Callback):
         exclude: Sequence[str] = (),
         select: Optional[SelectFn] = None,
         lam_overrides: Optional[Mapping[str, float]] = None,
-        groups: Optional[Mapping[str, GroupDim]] = None,
+        groups: Optional[Mapping[str, GroupSpec]] = None,
         target_sparsity: Optional[float] = None,
         target_groups: Optional[int] = None,
-        refit_fraction: float = 0.0,
+        refit_fraction: Optional[float] = None,
         lam_max: Optional[float] = None,
+        total_steps: Optional[int] = None,
+        check_every: int = 10,
+        layer_floor: float = 0.1,
+        prune_by: Optional[str] = None,
         record_path: Union[bool, int] = False,
         path_dir: Optional[str] = None,
         verbose: bool = True,
         print_report: bool = True,
     ) -> None:
-        if lam is None and target_sparsity is None and target_groups is None:
-            raise ValueError(
-                "Give `lam` (a number or a schedule), or a target: `target_sparsity=` or `target_groups=`."
-            )
-        self.steering = Steering(None, target_sparsity, target_groups, float(refit_fraction))
-        self.lam = lam
         self.threshold = check_coefficient("threshold", threshold)
+        if refit_fraction is not None:
+            check_coefficient("refit_fraction", refit_fraction)
+        if lam is not None and not isinstance(lam, LamSchedule):
+            lam = check_coefficient("lam", lam)
+        # a target counts what it zeroes at 1e-3 at least: a threshold of 1e-6 lags far behind a short run
+        self.steering = Steering(
+            lam,
+            target_sparsity,
+            target_groups,
+            refit_fraction,
+            check_every,
+            layer_floor,
+            max(self.threshold, 1e-3),
+            prune_by,
+        )
         self.lam_overrides = {
             k: check_coefficient(f"lam_overrides[{k!r}]", v) for k, v in (lam_overrides or {}).items()
         }
@@ -144,44 +173,44 @@ class SpredCallback(Callback):
         if select is not None and self.include:
             raise ValueError("Give either `select` or `include`, not both: `select` alone decides when given.")
         self.select = select
-        if target_sparsity is not None and target_groups is not None:
-            raise ValueError("Give one target: `target_sparsity` or `target_groups`, not both.")
-        if target_sparsity is not None and not 0 < check_coefficient("target_sparsity", target_sparsity) < 1:
-            raise ValueError(f"`target_sparsity` is a fraction of zero weights in (0, 1), got {target_sparsity}.")
-        if target_groups is not None and (isinstance(target_groups, bool) or not isinstance(target_groups, int)):
-            raise TypeError(f"`target_groups` must be a whole number of groups, got {target_groups!r}.")
-        if target_groups is not None and target_groups < 0:
-            raise ValueError(f"`target_groups` must be >= 0, got {target_groups}.")
         if target_groups is not None and not self.groups:
             raise ValueError(
                 "`target_groups` counts groups: also give `groups=` (for example {'net.0.weight': 'input'})."
             )
-        if not 0 <= check_coefficient("refit_fraction", refit_fraction) < 1:
-            raise ValueError(f"`refit_fraction` must be in [0, 1), got {refit_fraction}.")
         self.lam_max = None if lam_max is None else check_coefficient("lam_max", lam_max)
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
+            raise ValueError(f"`total_steps` must be a number of optimizer steps >= 1, got {total_steps!r}.")
+        self.total_steps = total_steps
         if not isinstance(record_path, bool) and not (isinstance(record_path, int) and record_path >= 1):
             raise ValueError(f"`record_path` must be True, False or a number of steps >= 1, got {record_path!r}.")
+        if path_dir is not None and not record_path:
+            raise ValueError("`path_dir` is where the path's snapshots go: give `record_path=True` (or a step count).")
         self.record_path = record_path
-        self.path_dir = path_dir
         self.verbose = verbose
         self.print_report = print_report
         self._state_key: Optional[str] = None
-        self._terms: list[Factorization] = []
-        self._fixed_lam: dict[int, float] = {}
+        self._terms = PenaltyTerms()
+        self._saved = SavedTerms()
+        self._resumed = False
         self._steppers: list[FactorStepper] = []
-        self._stash: dict[str, Any] = {}
         self._recorder = PathRecorder(path_dir)
+        self._logging = SpredLogging()
         self._report: Optional[SparsityReport] = None
+        self._norms: dict[str, tuple[int, Tensor]] = {}  # grouped terms at the end of fit: (dim, group norms)
         self._model: Optional[nn.Module] = None
-        self._last_log = self._last_views = -1
         self._trace: Optional[ForwardTrace] = None
         self._forecast: Optional[L2PhaseForecast] = None
         self._dead: set[str] = set()
+        # a `ddp_spawn` fit runs in worker processes: rank zero leaves its results here for this process
+        self._handoff = Path(tempfile.gettempdir()) / f"lightning_spred-{uuid.uuid4().hex}.pt"
 
     def __getstate__(self) -> dict[str, Any]:
         # the optimizer hooks and the forward trace belong to the running fit, not to a copy of the callback
         return {**self.__dict__, "_steppers": [], "_trace": None}
 
+    # ---------------------------------------------------------------------------------------------- public API
     @property
     def lam(self) -> Union[float, LamSchedule, None]:
         """The L1 coefficient or schedule; setting it during fit takes effect at the next optimizer step."""
@@ -189,6 +218,8 @@ class SpredCallback(Callback):
 
     @lam.setter
     def lam(self, value: Union[float, LamSchedule, None]) -> None:
+        if isinstance(value, LamSchedule) and self.steering.has_target:
+            raise ValueError("A target steers `lam` itself: a schedule cannot replace it.")
         self.steering.lam = (
             value if isinstance(value, LamSchedule) or value is None else check_coefficient("lam", value)
         )
@@ -209,8 +240,9 @@ class SpredCallback(Callback):
         return list(self._terms)
 
     @property
-    def path(self) -> Path:
+    def path(self) -> RegularizationPath:
         """The recorded path points (see ``record_path``), oldest first."""
+        self._take_handoff()
         return self._recorder.points
 
     def report(self) -> SparsityReport:
@@ -219,8 +251,12 @@ class SpredCallback(Callback):
         Raises:
             RuntimeError: no fit with this callback has ended yet.
         """
+        self._take_handoff()
         if self._report is None:
-            raise RuntimeError("No fit with this SpredCallback has ended yet: call `trainer.fit` first.")
+            raise RuntimeError(
+                "No fit with this SpredCallback has ended yet: call `trainer.fit` first. (Under `strategy='ddp_spawn'`"
+                " the results come back when rank zero's fit ends; an interrupted worker leaves none.)"
+            )
         return self._report
 
     def selected_features(
@@ -231,14 +267,15 @@ class SpredCallback(Callback):
         Args:
             parameter: name of a weight penalised with ``groups``; may be left out when there is only one.
             names: one name per group (for example gene names, for ``"input"`` groups).
-            k: exactly ``k`` groups, the last ``k`` to leave the path (a schedule or target raised ``lam``), else
-                the ``k`` with the largest norms.
+            k: exactly ``k`` groups: the last ``k`` to leave the path (by ``lam``, then by step), else the ``k`` with
+                the largest norms.
 
         Raises:
             RuntimeError: no fit with groups has happened yet.
             ValueError: ``parameter`` is not a grouped weight, or is needed to choose among several.
         """
-        grouped = {f.name: f for f in self._terms if f.grouped}
+        self._take_handoff()
+        grouped = self._norms or {f.name: (f.dims[0], f.norms()) for f in self._terms if f.grouped}
         if not grouped:
             raise RuntimeError(
                 "No fit with `groups=` has happened yet: fit with SpredCallback(..., groups={...}) first."
@@ -248,9 +285,9 @@ class SpredCallback(Callback):
         parameter = parameter or next(iter(grouped))
         if parameter not in grouped:
             raise ValueError(f"`{parameter}` was not penalised with groups; grouped weights: {list(grouped)}.")
-        f = grouped[parameter]
-        exit_lam = self._recorder.exit_lam.get(parameter)
-        return selected_features(f.weights[0], f.dims[0], names, k, exit_lam, norms=f.norms())
+        dim, norms = grouped[parameter]
+        exits, steps = self._recorder.exit_lam.get(parameter), self._recorder.exit_step.get(parameter)
+        return selected_features(None, dim, names, k, exits, norms=norms, exit_step=steps)
 
     def restore(self, point: PathPoint, model: Optional[nn.Module] = None) -> None:
         """Load a path point's snapshot into the fitted model (or ``model``).
@@ -261,12 +298,10 @@ class SpredCallback(Callback):
         model = model if model is not None else self._model
         if model is None or point.snapshot is None:
             raise RuntimeError("Nothing to restore: fit with `record_path=` first, or pass `model=`.")
-        state = torch.load(point.snapshot) if isinstance(point.snapshot, str) else point.snapshot
+        state = torch.load(point.snapshot, weights_only=True) if isinstance(point.snapshot, str) else point.snapshot
         model.load_state_dict(state)
 
-    # ----------------------------------------------------------------------------------------------
-    # Overridable choices
-    # ----------------------------------------------------------------------------------------------
+    # ---------------------------------------------------------------------------------------------- overridable
     def select_parameters(self, pl_module: LightningModule) -> list[PenalisedParameter]:
         """Choose the parameters to penalise; override to choose differently."""
         return select_parameters(
@@ -279,69 +314,70 @@ class SpredCallback(Callback):
             groups=self.groups,
         )
 
-    def compute_metrics(self) -> dict[str, Tensor]:
-        """The values logged during training; override to add or change them.
+    def compute_metrics(self, census: Optional[Census] = None) -> dict[str, Tensor]:
+        """The values logged during training, as tensors on the weights' device; override to add or change them.
 
-        Computed from the model's weights, which are the sparse ones (every rank holds the same under DDP).
+        Args:
+            census: the reading of the terms to log (default: a new one). Every rank holds the same weights under DDP.
         """
-        metrics: dict[str, Tensor] = {}
-        zeros, total, value, balances = 0, 0, 0.0, []
-        for f in self._terms:
-            for member, weight in zip(f.members, f.weights):
-                layer_zeros = int((weight == 0).sum())
-                metrics[f"spred/sparsity/{member.path}"] = torch.tensor(layer_zeros / weight.numel())
-                zeros, total = zeros + layer_zeros, total + weight.numel()
-            norms = f.norms()
-            if f.grouped:
-                metrics[f"spred/groups/{f.name}"] = (norms > 0).sum().float()
-            value += f.lam * float(norms.sum())
-            if f.started:
-                balances.append(float(f.balance()))
-        metrics["spred/nonzeros"] = torch.tensor(float(total - zeros))
-        metrics["spred/penalty"] = torch.tensor(value)
-        metrics["spred/lam"] = torch.tensor(self._scheduled_lam())
-        metrics["spred/balance"] = torch.tensor(sum(balances) / len(balances) if balances else 1.0)
-        metrics["spred/sparsity"] = torch.tensor(zeros / max(total, 1))
-        metrics["spred/dead_layers"] = torch.tensor(float(len(dead_terms(self._terms))))
+        census = census or self._terms.census()
+        metrics = {
+            f"spred/sparsity/{name}": zeros / size
+            for name, zeros, size in zip(census.members, census.member_zeros, census.member_sizes)
+        }
+        metrics.update(
+            {
+                f"spred/groups/{name}": n
+                for name, n, grouped in zip(census.terms, census.in_use, census.grouped)
+                if grouped
+            }
+        )
+        started = torch.tensor(census.started, device=census.balance.device)
+        total = max(sum(census.member_sizes), 1)
+        zeros = census.member_zeros.sum()
+        metrics["spred/nonzeros"] = total - zeros
+        metrics["spred/penalty"] = census.penalty.sum()
+        metrics["spred/lam"] = torch.tensor(self._terms.lam)
+        metrics["spred/balance"] = census.balance[started].mean() if started.any() else torch.ones(())
+        metrics["spred/sparsity"] = zeros / total
+        metrics["spred/dead_layers"] = ((census.in_use == 0) & started).sum()
         return metrics
 
-    # ----------------------------------------------------------------------------------------------
-    # Lightning hooks
-    # ----------------------------------------------------------------------------------------------
+    # ---------------------------------------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer)
+            self._recorder.check_directory()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._detach()
-        self._terms, self._model, self._report = [], pl_module, None
-        try:
-            chosen = self.select_parameters(pl_module)
-            if not chosen:
-                raise ValueError(self._nothing_to_penalise(pl_module))
-            self._check_other_callbacks(trainer, chosen)
-            terms = self._build_terms(pl_module, chosen)
-            self._terms = [f for f, _ in terms]
-            self._fixed_lam = {id(f): p.lam for f, p in terms if p.lam is not None}
-            self._check_stash()
-            check_optimizers(trainer, trainer.optimizers, self._terms)
-        except Exception:
-            self._terms = []
-            raise
-        self._steppers = [
-            FactorStepper(opt, self._terms, self._start, lambda: self._set_lam(trainer)) for opt in trainer.optimizers
-        ]
-        total = int(trainer.estimated_stepping_batches)
-        self.steering.begin(total)
-        self._trace, self._dead = ForwardTrace(pl_module), set()
-        # the forecast judges a fixed lam; schedules and targets move lam themselves
-        self._forecast = (
-            L2PhaseForecast(total) if isinstance(self.lam, float) and not self.steering.has_target else None
-        )
+        self._terms, self._model, self._report, self._norms = PenaltyTerms(), pl_module, None, {}
+        terms = self._build(trainer, pl_module)
+        total = training_budget(trainer, self.total_steps, self.steering.needs_budget)
+        if self.steering.needs_lam_max and self.lam_max is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                "SpredCallback computes `lam_max` from a training step, which manual optimization cannot run without"
+                " stepping: give `lam_max=`, or an absolute `lam` (with a target: where it starts)."
+            )
         if self.lam_max is not None:
             self.steering.lam_max = self.lam_max
-        self._last_log = self._last_views = trainer.global_step - 1
-        self._log_hyperparameters(trainer)
+        self.steering.begin(total, terms, resumed=self._resumed)
+        self._terms = terms  # from here on the fit is penalised: every check above raised before it
+        if not self._resumed:
+            self._recorder.reset()
+            self._saved.load({})
+        self._resumed = False
+        # led by magnitude, a target starts from the model's own dynamics (u = w, v = 1: on a digits MLP at 90% zeros
+        # it kept 1.2 points more than the start near balance, whose effective learning rate is 2|w| times smaller)
+        scale = 1.0 if self.steering.has_target and self.steering.prune_by == "magnitude" else None
+        self._steppers = [
+            FactorStepper(opt, self._terms, self.steering, self._saved, trainer, scale) for opt in trainer.optimizers
+        ]
+        self._trace, self._dead = ForwardTrace(pl_module), set()
+        fixed = isinstance(self.lam, float) and not self.steering.has_target
+        self._forecast = L2PhaseForecast(total) if fixed and total else None  # schedules and targets move lam
+        self._logging.begin(trainer)
+        SpredLogging.hyperparameters(trainer, self._hyperparameters())
         if self.verbose:
             count = sum(w.numel() for f in self._terms for w in f.weights)
             rank_zero_info(
@@ -351,92 +387,63 @@ class SpredCallback(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.steering.needs_lam_max:
-            self.steering.lam_max = lam_max_of_batch(trainer, pl_module, batch, batch_idx, self._scheduled_terms())
+            self.steering.lam_max = lam_max_of_batch(
+                trainer, pl_module, batch, batch_idx, self._terms.scheduled, self._absorbed
+            )
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._terms:
             return
-        scheduled = self._scheduled_terms()
-        lam = self._scheduled_lam()
+        step = trainer.global_step
         self._diagnose(trainer)
-        if not isinstance(self.lam, float) or self.record_path:  # exits are informative only when lam moves
-            self._recorder.track(scheduled, lambda f: f.lam)
-        if self.steering.has_target or self.steering.refit_fraction:
-            zeros = sum(int((w == 0).sum()) for f in scheduled for w in f.weights)
-            total = sum(w.numel() for f in scheduled for w in f.weights)
-            norms = [f.norms() for f in scheduled if f.grouped]
-            groups = sum(int((n > 0).sum()) for n in norms) if norms else None
-            live = [n[n > 0] for n in norms]
-            weakest = min((float(n.min()) for n in live if n.numel()), default=None)
-            phase = self.steering.observe(trainer.global_step, lam, zeros / max(total, 1), groups, weakest)
-            if phase is not None:
-                self._enter(phase, trainer)
-        if isinstance(self.record_path, int) and not isinstance(self.record_path, bool):
-            if trainer.global_step % self.record_path == 0:
-                self._record(trainer, pl_module)
-        # Computed only when Lightning will write to the loggers (as LearningRateMonitor does), to keep steps cheap.
-        if trainer._logger_connector.should_update_logs:
-            self._log(pl_module, on_step=True)
-            self._last_log = trainer.global_step
+        if self.steering.relative or self.steering.has_target or not isinstance(self.lam, float) or self.record_path:
+            self._recorder.track(self._terms.scheduled, step)  # exits are informative only when lam moves
+        self.steering.observe(step, self._terms)
+        if self.record_path is not True and self.record_path and step % self.record_path == 0:
+            self._record(trainer, pl_module)
+        self._logging.after_step(trainer, pl_module, self._metrics)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._terms:
             return
         if self.record_path is True and not trainer.val_dataloaders:
             self._record(trainer, pl_module)
-        # With short epochs (full-batch training) logging at every epoch end would cost more than the steps: at most
-        # every `log_every_n_steps` steps, counting the logs at steps, and at the end.
-        every, last = max(trainer.log_every_n_steps, 1), _last_epoch(trainer)
-        if (trainer.global_step - self._last_log >= every or last) and self._last_log != trainer.global_step:
-            self._last_log = trainer.global_step
-            self._log(pl_module, on_step=False)
-        if trainer.global_step - self._last_views >= every or last:
-            self._last_views = trainer.global_step
-            for experiment in _wandb_runs(trainer):
-                log_layer_views(experiment, self._named_weights(), trainer.global_step)
+        self._logging.at_epoch_end(trainer, pl_module, self._metrics, self._terms.named_weights, _last_epoch(trainer))
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._recorder.validation_starts(trainer.callback_metrics)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._terms and self.record_path is True and not trainer.sanity_checking:
-            self._record(trainer, pl_module)
+        if self._terms and not trainer.sanity_checking:
+            self._recorder.validated(trainer.global_step, trainer.callback_metrics)
+            if self.record_path is True:
+                self._record(trainer, pl_module)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or not self._terms:
             return
-        self._merge()
-        if self.steering.has_target and self.steering.reached_step is None:
-            capped = self.steering.ramps and self.steering.step_size and self.steering.ramp_lam is not None
-            limit = (
-                f" `lam` stopped rising at {self.steering.ramp_lam:.3g}, the stable limit of SGD (lam * lr / (1 -"
-                " momentum) = 0.5, beyond which every factor collapses whatever the loss): lower the learning rate,"
-                " or"
-                if capped
-                else ""
-            )
-            rank_zero_warn(
-                f"SpredCallback did not reach its target ({self._target_text()}) in {trainer.global_step} steps:"
-                f"{limit} train longer, or give a schedule that reaches a larger `lam`.",
-                category=UserWarning,
-            )
+        self._finish()
         if self.print_report:
             rank_zero_info(f"SpredCallback: sparsity of the penalised weights\n{self.report()}")
-        for experiment in _wandb_runs(trainer):
-            write_summary(experiment, self.report())
-            log_path(experiment, self.path)
+        SpredLogging.at_end(trainer, self.report(), self.path)
+        if trainer.is_global_zero and multiprocessing.parent_process() is not None:
+            self._leave_handoff()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Lightning skips `teardown` when fit raises or is interrupted: merge here so the user keeps a plain model.
+        # Lightning skips `teardown` when fit raises or is interrupted: finish here so the user keeps a plain model.
         if self._terms:
-            self._merge()
+            self._finish()
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The weights are kept sparse after every step; a weight averaging callback may have put its average here.
         state = checkpoint.get("state_dict", {})
         for f in self._terms:
-            for member in f.members:
-                if member.path in state and f.started:
-                    state[member.path] = threshold_tensor(state[member.path], f.threshold, member.dim)
+            if f.started and f.zero_every_step and not f.frozen:
+                for member in f.members:
+                    if member.name in state:
+                        state[member.name] = threshold_tensor(state[member.name], f.threshold, member.dim)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The state key holds the settings (so that two callbacks can be told apart): a resume with other settings
@@ -449,93 +456,33 @@ class SpredCallback(Callback):
             self.load_state_dict(states[mine[0]])
 
     def state_dict(self) -> dict[str, Any]:
-        factors = {f.name: f.state() for f in self._terms if f.started}
-        unstarted = {name: value for name, value in self._stash.items() if name not in factors}
         return {
-            "factors": {**unstarted, **factors},
+            "factors": self._saved.state_dict(self._terms),
             "steering": self.steering.state_dict(),
             "path": self._recorder.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied when each term starts: the factors are created at its first optimizer step.
-        self._stash = dict(state_dict.get("factors", {}))
+        self._saved.load(state_dict.get("factors", {}))
         self.steering.load_state_dict(state_dict.get("steering", {}))
         self._recorder.load_state_dict(state_dict.get("path", {}))
+        self._resumed = True
 
-    # ----------------------------------------------------------------------------------------------
-    # Internals
-    # ----------------------------------------------------------------------------------------------
-    def _build_terms(
-        self, model: nn.Module, chosen: list[PenalisedParameter]
-    ) -> list[tuple[Factorization, PenalisedParameter]]:
-        """One penalty term per chosen parameter; a channel group also takes its bias and BatchNorm."""
-        terms, covered = [], set()
-        for p in chosen:
-            if id(p.module._parameters[p.name]) in covered:
-                continue  # already in the channel group of the layer before it
-            if p.channel:
-                members = channel_members(model, p.path.rpartition(".")[0], p.module)
-            else:
-                members = [Member(p.module, p.name, p.path, p.dim)]
-            covered |= {id(m.weight) for m in members}
-            terms.append((Factorization(members, self._lam_of(p), self.threshold), p))
+    # ---------------------------------------------------------------------------------------------- internals
+    def _build(self, trainer: Trainer, pl_module: LightningModule) -> PenaltyTerms:
+        """The penalty terms, checked against the model, the other callbacks and the optimizers."""
+        chosen = self.select_parameters(pl_module)
+        if not chosen:
+            raise ValueError(self._nothing_to_penalise(pl_module))
+        self._check_other_callbacks(trainer, chosen)
+        terms = PenaltyTerms.build(pl_module, chosen, self.threshold)
+        self._saved.check(terms)
+        check_optimizers(trainer, trainer.optimizers, terms)
         return terms
 
-    def _lam_of(self, parameter: PenalisedParameter) -> float:
-        if parameter.lam is not None:
-            return parameter.lam
-        return self.lam if isinstance(self.lam, float) else 0.0  # a schedule sets it before every step
-
-    def _scheduled_terms(self) -> list[Factorization]:
-        """The terms that follow ``lam`` (all but those with a fixed ``lam_overrides`` coefficient)."""
-        return [f for f in self._terms if id(f) not in self._fixed_lam]
-
-    def _set_lam(self, trainer: Trainer) -> None:
-        # read at every optimizer step, so that a `lam` changed at any time before the step counts for it
-        sizes = [f.step_size for f in self._scheduled_terms() if f.step_size]
-        self.steering.step_size = max(sizes, default=None)
-        lam = self.steering.value(trainer.global_step, trainer.current_epoch)
-        refit = self.steering.phase == "refit"
-        for f in self._terms:
-            f.lam = 0.0 if refit else self._fixed_lam.get(id(f), lam)
-
-    def _scheduled_lam(self) -> float:
-        scheduled = self._scheduled_terms()
-        return scheduled[0].lam if scheduled else 0.0
-
-    def _start(self, f: Factorization) -> None:
-        saved = self._stash.pop(f.name, None)
-        if saved is None:
-            f.start()
-            return
-        f.start((saved["u"], saved["v"]))
-        f.optimizer_state = saved.get("optimizer")
-
-    def _check_stash(self) -> None:
-        shapes = {f.name: [tuple(w.shape) for w in f.weights] for f in self._terms}
-        for name, saved in self._stash.items():
-            if name in shapes and [tuple(u.shape) for u in saved["u"]] != shapes[name]:
-                raise ValueError(
-                    f"The checkpoint's spred factors for `{name}` have shapes {[tuple(u.shape) for u in saved['u']]}"
-                    f" but the model's weights have {shapes[name]}: the model changed since the checkpoint was"
-                    " written. Resume with the same model, or load the checkpoint's weights and fit without"
-                    " `ckpt_path`."
-                )
-        gone = sorted(set(self._stash) - set(shapes))
-        new = sorted(set(shapes) - set(self._stash)) if self._stash else []
-        if gone or new:
-            rank_zero_warn(
-                f"Resuming with a different choice of penalised weights: no longer penalised {gone or 'none'}, newly"
-                f" penalised {new or 'none'} (these start from the checkpoint's weights). If this is not what you"
-                " meant, resume with the `include`/`exclude`/`groups` the checkpoint was written with.",
-                category=UserWarning,
-            )
-            for name in gone:
-                del self._stash[name]
-
     def _check_other_callbacks(self, trainer: Trainer, chosen: list[PenalisedParameter]) -> None:
-        mine = {id(p.module._parameters[p.name]): p.path for p in chosen}
+        mine = {id(p.parameter): p.name for p in chosen}
         for other in trainer.callbacks:  # type: ignore[attr-defined]
             if other is self or not isinstance(other, SpredCallback):
                 continue
@@ -546,56 +493,34 @@ class SpredCallback(Callback):
                     " use one callback with `lam_overrides` for different coefficients."
                 )
 
-    def _enter(self, phase: str, trainer: Trainer) -> None:
-        # Entering hold or refit, zeros stay zero (their factors and moments are zeroed). A group target keeps the
-        # `k` groups that left the path last: those in use, and the ones that just left (a rising lam switches
-        # groups off with a lag, so the count can fall past `k` in one step): they can grow back, the others not.
-        target_groups = self.steering.target_groups
-        if phase == "hold":
-            if target_groups is not None:
-                self._keep_last_groups(target_groups)
-            else:
-                self._keep_zeros(self._scheduled_terms())
-        elif target_groups is None or self.steering.reached_step is None:  # refit (after a group hold: kept already)
-            self._keep_zeros(self._terms)
-        rank_zero_info(f"SpredCallback: step {trainer.global_step}, {phase} phase ({self._target_text()}).")
+    def _absorbed(self) -> set[str]:
+        return absorbed_terms(self._trace, self._terms) if self._trace is not None and self._trace.done else set()
 
-    @staticmethod
-    def _keep_zeros(terms: Sequence[Factorization]) -> None:
-        for f in terms:
-            if f.started:
-                f.keep_zeros()
-
-    def _keep_last_groups(self, k: int) -> None:
-        terms = [f for f in self._scheduled_terms() if f.grouped and f.started]
-        exits = [self._recorder.exit_lam.get(f.name, torch.full_like(f.norms(), math.inf)) for f in terms]
-        norms = torch.cat([f.factor_norms().cpu() for f in terms])
-        order = rank_groups(norms, torch.cat([e.cpu() for e in exits]))
-        kept = torch.zeros(len(norms), dtype=torch.bool)
-        kept[order[:k]] = True
-        for f, mask in zip(terms, kept.split([len(e) for e in exits])):
-            f.keep_zeros(~mask.to(f.v.device))
-
-    def _target_text(self) -> str:
-        if self.steering.target_sparsity is not None:
-            return f"target_sparsity={self.steering.target_sparsity}"
-        if self.steering.target_groups is not None:
-            return f"target_groups={self.steering.target_groups}"
-        return f"refit_fraction={self.steering.refit_fraction}"
+    def _metrics(self) -> dict[str, Tensor]:
+        census = self._terms.census()
+        for name in census.host().dead:
+            if name not in self._dead:
+                self._dead.add(name)
+                rank_zero_warn(
+                    f"Every weight of `{name}` is zero at step {self._model.global_step}: the layer is dead (its"  # type: ignore[union-attr]
+                    " output is constant). Lower `lam` (or give this weight its own with `lam_overrides`), exclude"
+                    " it, or steer with a target (its layers keep a floor).",
+                    category=UserWarning,
+                )
+        return self.compute_metrics(census)
 
     def _record(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        census = self._terms.census().host()
         point = self._recorder.record(
             pl_module,
             trainer.global_step,
             trainer.current_epoch,
-            self._scheduled_lam(),
-            self._terms,
-            dict(trainer.callback_metrics),
+            self._terms.lam,
+            census,
+            self._recorder.current_metrics(trainer.global_step, trainer.callback_metrics),
+            at_limit=self.steering.at_limit,
         )
-        values = {"spred/path/lam": point.lam, "spred/path/nonzeros": float(point.nonzeros)}
-        values.update({f"spred/path/groups/{name}": float(count) for name, count in point.groups.items()})
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
+        SpredLogging.path_point(trainer, point)
 
     def _diagnose(self, trainer: Trainer) -> None:
         if self._trace is not None and self._trace.done:
@@ -606,63 +531,37 @@ class SpredCallback(Callback):
         forecast = self._forecast
         if forecast is not None and not forecast.done:
             if forecast.first is None or trainer.global_step >= forecast.check_step:
-                started = [f for f in self._terms if f.started]
-                balance = sum(float(f.balance()) for f in started) / len(started) if started else 1.0
-                message = forecast.observe(trainer.global_step, balance)
+                message = forecast.observe(trainer.global_step, self._terms.census().host().mean_balance)
                 if message:
                     rank_zero_warn(message, category=UserWarning)
 
-    def _merge(self) -> None:
+    def _finish(self) -> None:
+        """End of fit (also on exception): hooks removed, weights thresholded, results kept for the user."""
         if self._trace is not None:
             self._trace.stop()
             self._trace = None
         self._detach()
-        for f in self._terms:
-            if f.started:
-                f.zero_small()  # the weights are sparse already, unless weight averaging just replaced them
-        self._report = sparsity_report(self._named_weights())
+        self._terms.zero_small()  # the weights are sparse already, unless weight averaging just replaced them
+        self._report = sparsity_report(self._terms.named_weights())
+        self._norms = {f.name: (f.dims[0], f.norms().detach().cpu()) for f in self._terms if f.grouped}
 
     def _detach(self) -> None:
         for stepper in self._steppers:
             stepper.detach()
         self._steppers = []
 
-    def _named_weights(self) -> list[tuple[str, Tensor]]:
-        return [(m.path, m.weight) for f in self._terms for m in f.members]
-
-    def _log(self, pl_module: LightningModule, on_step: bool) -> None:
-        for name in sorted(set(dead_terms(self._terms)) - self._dead):
-            self._dead.add(name)
-            rank_zero_warn(
-                f"Every weight of `{name}` is zero at step {pl_module.global_step}: the layer is dead (its output is"
-                " constant). Lower `lam` (or give this weight its own with `lam_overrides`), or exclude it.",
-                category=UserWarning,
-            )
-        metrics = self.compute_metrics()
-        sparsity = metrics.pop("spred/sparsity")
-        # The headline figure goes through `self.log` (progress bar, `callback_metrics` for monitors); the others
-        # straight to the loggers, as LearningRateMonitor does: `self.log` costs about a millisecond per key, more
-        # than a step of a small full-batch model.
-        pl_module.log("spred/sparsity", sparsity, prog_bar=True, on_step=on_step, on_epoch=not on_step)
-        trainer = pl_module.trainer
-        values = {key: float(value) for key, value in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
-
-    def _log_hyperparameters(self, trainer: Trainer) -> None:
+    def _hyperparameters(self) -> dict[str, Any]:
         lam = self.lam.hparams() if isinstance(self.lam, LamSchedule) else self.lam
-        values = {
+        return {
             "spred/lam": lam,
             "spred/threshold": self.threshold,
             "spred/groups": dict(self.groups),
             "spred/lam_overrides": dict(self.lam_overrides),
             "spred/target_sparsity": self.steering.target_sparsity,
             "spred/target_groups": self.steering.target_groups,
-            "spred/refit_fraction": self.steering.refit_fraction,
+            "spred/refit_fraction": self.steering.effective_refit_fraction,
             "spred/penalised": [f.name for f in self._terms],
         }
-        for logger in trainer.loggers:
-            logger.log_hyperparams(values)
 
     def _nothing_to_penalise(self, pl_module: LightningModule) -> str:
         return (
@@ -672,6 +571,30 @@ class SpredCallback(Callback):
             + ". Choose parameters with `modules=`, `include=[...]`, `groups=` or `select=`."
         )
 
+    def _leave_handoff(self) -> None:
+        """In a spawned worker (``ddp_spawn``), rank zero saves the results for the launching process."""
+        assert self._report is not None
+        torch.save(
+            {
+                "report": [[layer.name, layer.parameters, layer.nonzeros] for layer in self._report.layers],
+                "norms": {name: [dim, norms] for name, (dim, norms) in self._norms.items()},
+                "path": self._recorder.state_dict(),
+                "steering": self.steering.state_dict(),
+            },
+            self._handoff,
+        )
+
+    def _take_handoff(self) -> None:
+        """In the launching process of a ``ddp_spawn`` fit: take the results rank zero left (once)."""
+        if not self._handoff.exists():
+            return
+        results = torch.load(self._handoff, weights_only=True)
+        self._handoff.unlink()
+        self._report = SparsityReport(tuple(LayerSparsity(*row) for row in results["report"]))
+        self._norms = {name: (dim, norms) for name, (dim, norms) in results["norms"].items()}
+        self._recorder.load_state_dict(results["path"])
+        self.steering.load_state_dict(results["steering"])
+
 
 def _last_epoch(trainer: Trainer) -> bool:
     max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
@@ -680,10 +603,3 @@ def _last_epoch(trainer: Trainer) -> bool:
         or (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs)
         or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps)
     )
-
-
-def _wandb_runs(trainer: Trainer) -> list[Any]:
-    """The W&B runs of the trainer's WandbLoggers, on rank zero only (other ranks have no real run)."""
-    return [
-        logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger) and trainer.is_global_zero
-    ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from lightning.pytorch import Trainer
@@ -13,9 +13,17 @@ from torch import nn
 from torch.optim import LBFGS, AdamW, Optimizer
 
 from lightning_spred.factorization import Factorization
-from lightning_spred.selection import GroupDim, check_group_spec
+from lightning_spred.group_kinds import GroupSpec, check_group_spec
 
-__all__ = ["check_coefficient", "check_groups", "check_modules", "check_optimizers", "check_patterns", "check_strategy"]
+__all__ = [
+    "check_coefficient",
+    "check_groups",
+    "check_modules",
+    "check_optimizers",
+    "check_patterns",
+    "check_strategy",
+    "training_budget",
+]
 
 
 def check_coefficient(name: str, value: Any) -> float:
@@ -48,13 +56,36 @@ def check_modules(modules: Any) -> tuple[type[nn.Module], ...]:
     return modules
 
 
-def check_groups(groups: Mapping[str, GroupDim]) -> dict[str, GroupDim]:
+def check_groups(groups: Mapping[str, GroupSpec]) -> dict[str, GroupSpec]:
     """Group specifications by pattern, each valid on its own (whether it fits its parameter is checked at fit)."""
     if not isinstance(groups, Mapping):
-        raise TypeError(f"`groups` must map name patterns to 'input', 'output' or a dimension, got {groups!r}.")
+        raise TypeError(
+            f"`groups` must map name patterns to 'input', 'output', 'channel' or a dimension, got {groups!r}."
+        )
     for pattern, spec in groups.items():
         check_group_spec(spec, f"`groups[{pattern!r}]`")
     return dict(groups)
+
+
+def training_budget(trainer: Trainer, total_steps: Optional[int], needed: bool) -> Optional[int]:
+    """The number of optimizer steps of the fit: ``total_steps`` if given, else Lightning's estimate if it is finite.
+
+    Raises:
+        ValueError: ``needed`` (a target, a relative schedule or a refit) and the fit's length is unknown (an
+            ``IterableDataset`` without ``max_steps``, ``max_time`` alone, ``max_epochs=-1``).
+    """
+    if total_steps is not None:
+        return total_steps
+    estimate = trainer.estimated_stepping_batches
+    if isinstance(estimate, (int, float)) and math.isfinite(estimate) and estimate > 0:
+        return int(estimate)
+    if needed:
+        raise ValueError(
+            "SpredCallback's target, relative schedule or refit is planned over the fit's optimizer steps, but this"
+            " fit's length is unknown (an IterableDataset without `max_steps`, `max_time`, or `max_epochs=-1`). Give"
+            " `Trainer(max_steps=...)`, or `SpredCallback(..., total_steps=...)`."
+        )
+    return None
 
 
 def check_strategy(trainer: Trainer) -> None:

@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_spred.factorization import Factorization
 
-__all__ = ["ForwardTrace", "L2PhaseForecast", "degenerate_penalties", "dead_terms"]
+__all__ = ["ForwardTrace", "L2PhaseForecast", "absorbed_terms", "degenerate_penalties"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 # f(a * x) = a * f(x) for a > 0: a layer's scale passes through these to the next layer
@@ -113,18 +113,26 @@ def degenerate_penalties(
     for f in terms:
         own = {id(w) for w in f.weights}  # a channel group holds the normalisation after its layer
         for member in f.members:
-            if isinstance(member.module, _NORMS) and member.name == "weight":
+            if isinstance(member.module, _NORMS) and member.attr == "weight":
                 messages += _collapse(trace, f.name, member.module)
                 continue
-            if member.name != "weight" or isinstance(member.module, _NORMS):
+            if member.attr != "weight" or isinstance(member.module, _NORMS):
                 continue
-            consumers = trace.consumers(member.module)
-            norms = [m for m in consumers if isinstance(m, _NORMS) and id(getattr(m, "weight", None)) not in own]
+            norms = _following_norms(trace, member.module, own)
+            if norms and f.grouped:
+                messages.append(
+                    f"`{member.name}` feeds a {type(norms[0]).__name__}, which undoes its scale: its groups shrink"
+                    " without being removed. Group it with the normalisation (`groups={...: 'channel'}`), penalise"
+                    " the normalisation's scale instead (network slimming: `include=['<norm>.weight']`), or exclude"
+                    " this weight."
+                )
+                continue
             if norms:
                 messages.append(
-                    f"`{member.path}` feeds a {type(norms[0]).__name__}, which undoes its scale: the penalty shrinks it"
-                    " without removing anything. Penalise the normalisation's scale instead (network slimming:"
-                    " `include=['<norm>.weight']`), or exclude this weight."
+                    f"`{member.name}` feeds a {type(norms[0]).__name__}, which undoes its scale: besides choosing"
+                    " entries within the layer, the penalty shrinks the whole layer at no cost to the loss, and a long"
+                    " run or a large `lam` takes it to the normalisation's eps, where its channels die. Watch"
+                    " `spred/dead_layers`, or steer with a target (its layers keep a floor)."
                 )
                 continue
             escapes = [
@@ -137,7 +145,7 @@ def degenerate_penalties(
             ]
             if escapes:
                 messages.append(
-                    f"`{member.path}`'s scale can move into the next {type(escapes[0]).__name__}, which is neither"
+                    f"`{member.name}`'s scale can move into the next {type(escapes[0]).__name__}, which is neither"
                     " penalised nor weight-decayed: the penalty then shrinks the whole layer instead of choosing"
                     " within it. Give that layer a small weight decay (a parameter group with weight_decay=1e-3)"
                     " or a penalty of its own."
@@ -160,9 +168,28 @@ def _collapse(trace: ForwardTrace, name: str, norm: nn.Module) -> list[str]:
     return []
 
 
-def dead_terms(terms: Sequence[Factorization]) -> list[str]:
-    """Names of the penalty terms whose weights are all exactly zero."""
-    return [f.name for f in terms if f.started and all(not w.any() for w in f.weights)]
+def absorbed_terms(trace: ForwardTrace, terms: Sequence[Factorization]) -> set[str]:
+    """Names of the terms whose scale a normalisation undoes: their loss gradient at zero means nothing (a zero-variance
+    input divided by ``sqrt(eps)``), so their ``lam_max`` is taken at the current weights."""
+    absorbed = set()
+    for f in terms:
+        own = {id(w) for w in f.weights}
+        for member in f.members:
+            if member.attr == "weight" and not isinstance(member.module, _NORMS):
+                if _following_norms(trace, member.module, own):
+                    absorbed.add(f.name)
+            elif (
+                isinstance(member.module, _NORMS)
+                and member.attr == "weight"
+                and _collapse(trace, f.name, member.module)
+            ):
+                absorbed.add(f.name)
+    return absorbed
+
+
+def _following_norms(trace: ForwardTrace, module: nn.Module, own: set[int]) -> list[nn.Module]:
+    """The normalisations that take ``module``'s output directly (not those of its own channel group)."""
+    return [m for m in trace.consumers(module) if isinstance(m, _NORMS) and id(getattr(m, "weight", None)) not in own]
 
 
 class L2PhaseForecast:

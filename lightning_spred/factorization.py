@@ -7,6 +7,9 @@ An optimizer trains the factors only while it steps (see :mod:`lightning_spred.o
 gradient reaching ``w_i`` is turned into the factors' gradients (:func:`~lightning_spred.functional.factor_gradients`)
 and, after the step, ``w_i`` is set to ``u_i * v`` with its small entries (or groups) set to exact zero,
 so the model always computes with the weights it will keep.
+
+A term can also be *frozen*: its zeros become a fixed mask and the optimizer trains the plain weights again
+(a refit: in ``u, v`` the effective learning rate of ``w`` scales with ``|w|``, so small survivors would barely move).
 """
 
 from __future__ import annotations
@@ -28,19 +31,19 @@ class Member:
 
     Attributes:
         module: the module that owns the parameter.
-        name: the parameter's attribute name on ``module`` (for example ``"weight"``).
-        path: the parameter's name in the whole model (for example ``"encoder.0.weight"``).
+        attr: the parameter's attribute name on ``module`` (for example ``"weight"``).
+        name: the parameter's name in the whole model (for example ``"encoder.0.weight"``).
         dim: ``None`` for elementwise L1, else the dimension whose indices are the groups.
     """
 
     module: nn.Module
+    attr: str
     name: str
-    path: str
     dim: Optional[int]
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module._parameters[self.name]  # type: ignore[return-value]
+        return self.module._parameters[self.attr]  # type: ignore[return-value]
 
 
 class Factorization:
@@ -51,9 +54,10 @@ class Factorization:
 
     Args:
         members: the tensors; grouped members must have the same number of groups along their ``dim``.
-        lam: the L1 coefficient (the caller may change it between steps).
+        lam: the L1 coefficient (changed between steps by :meth:`PenaltyTerms.apply`).
         threshold: entries (or groups) with magnitude ``<= threshold`` are exact zeros in the model.
-        name: the name under which the term is logged and saved (default: the first member's path).
+        name: the name under which the term is logged and saved (default: the first member's name).
+        fixed_lam: the term's own coefficient (``lam_overrides``): it does not follow schedules or targets.
 
     Example:
         >>> layer = nn.Linear(3, 2)
@@ -65,23 +69,33 @@ class Factorization:
         ['bias', 'weight']
     """
 
-    def __init__(self, members: Sequence[Member], lam: float, threshold: float, name: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[Member],
+        lam: float,
+        threshold: float,
+        name: Optional[str] = None,
+        fixed_lam: Optional[float] = None,
+    ) -> None:
         self.members = tuple(members)
-        self.name = name or self.members[0].path
+        self.name = name or self.members[0].name
         self.lam = float(lam)
         self.threshold = float(threshold)
+        self.fixed_lam = fixed_lam
+        #: Whether :meth:`refresh` zeroes small entries after every step (targets zero them at their checks).
+        self.zero_every_step = True
         self.u: Optional[list[Tensor]] = None
         self.v: Optional[Tensor] = None
         #: The optimizer's state of ``(*u, v)`` (momentum, moments) between steps.
         self.optimizer_state: Optional[list[dict[str, Any]]] = None
-        #: ``lr / (1 - momentum)`` of the last SGD step of the factors (``None`` for other optimizers).
-        self.step_size: Optional[float] = None
+        #: Kept groups (or entries) once frozen; the optimizer then trains the plain weights within this mask.
+        self.kept: Optional[Tensor] = None
         self._buffers: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._norms: Optional[tuple[tuple[int, ...], Tensor]] = None
         self._product: Optional[Tensor] = None
 
     def __repr__(self) -> str:
-        return f"Factorization({self.name!r}, lam={self.lam:g}, members={[m.path for m in self.members]})"
+        return f"Factorization({self.name!r}, lam={self.lam:g}, members={[m.name for m in self.members]})"
 
     @property
     def weights(self) -> list[nn.Parameter]:
@@ -96,13 +110,29 @@ class Factorization:
         return self.members[0].dim is not None
 
     @property
+    def scheduled(self) -> bool:
+        """Whether the term follows the callback's ``lam`` (schedules, targets), not a fixed coefficient of its own."""
+        return self.fixed_lam is None
+
+    @property
     def started(self) -> bool:
-        """Whether the factors exist: a weight that never trained (frozen, in no optimizer) is never factorised."""
-        return self.u is not None
+        """Whether the term has trained: a weight that never trained (frozen, in no optimizer) is never factorised."""
+        return self.u is not None or self.kept is not None
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the term's zeros are a fixed mask and its plain weights train (the refit)."""
+        return self.kept is not None
 
     @property
     def trainable(self) -> bool:
         return all(w.requires_grad for w in self.weights)
+
+    @property
+    def size(self) -> int:
+        """The number of groups (elementwise: entries)."""
+        first = self.weights[0]
+        return first.numel() if not self.grouped else first.shape[self.dims[0]]  # type: ignore[index]
 
     @torch.no_grad()
     def norms(self) -> Tensor:
@@ -120,14 +150,15 @@ class Factorization:
         return self._norms[1]
 
     @torch.no_grad()
-    def start(self, factors: Optional[tuple[Sequence[Tensor], Tensor]] = None) -> None:
+    def start(self, factors: Optional[tuple[Sequence[Tensor], Tensor]] = None, scale: Optional[float] = None) -> None:
         """Create the factors: from ``factors`` (a checkpoint), else ``u_i = w_i / c``, ``v = c``.
 
-        ``c = sqrt(mean(norms))`` is one scale per term: the factors start near balance, where spred acts as
-        an L1 penalty, instead of ``u = w, v = 1``, which acts as L2 decay until the factors balance
-        (about ``lam * sum(lr) / (1 - momentum) >= 2``). Never the exactly balanced split
-        ``sign(w) sqrt|w|, sqrt|w|``: under gradient flow a balanced entry keeps ``|u| = |v|`` and can never
-        change sign, which converges to wrong minima.
+        By default ``c = sqrt(mean(norms))``, one scale per term: the factors start near balance, where spred acts
+        as an L1 penalty, instead of ``u = w, v = 1`` (``scale=1``), which acts as L2 decay until the factors
+        balance (about ``lam * sum(lr) / (1 - momentum) >= 2``) but keeps the training dynamics of the plain model
+        (near balance the effective learning rate of ``w`` is ``2 |w|`` times the optimizer's). Never the exactly
+        balanced split ``sign(w) sqrt|w|, sqrt|w|``: under gradient flow a balanced entry keeps ``|u| = |v|`` and
+        can never change sign, which converges to wrong minima.
         """
         first = self.weights[0]
         if factors is not None:
@@ -136,7 +167,8 @@ class Factorization:
             self.v = v.detach().to(first.device, first.dtype).clone()
             return
         norms = self.norms()
-        scale = float(norms.mean().sqrt()) if norms.numel() else 1.0
+        if scale is None:
+            scale = float(norms.mean().sqrt()) if norms.numel() else 1.0
         scale = scale if scale > 0 else 1.0
         self.u = [w.detach() / scale for w in self.weights]
         self.v = torch.full_like(norms, scale)
@@ -165,20 +197,21 @@ class Factorization:
     def refresh(self) -> None:
         """Set every weight to ``u_i * v``, with entries (or groups) of magnitude ``<= threshold`` exactly zero."""
         assert self.u is not None and self.v is not None
-        if not self.grouped and self.threshold > 0:
+        threshold = self.threshold if self.zero_every_step else 0.0
+        if not self.grouped and threshold > 0:
             # two passes instead of four (product, |.|, comparison, fill): the product into a scratch buffer,
             # then hardshrink (zero where |x| <= threshold) into the weight
             if self._product is None or self._product.device != self.v.device:
                 self._product = torch.empty_like(self.v)
             torch.mul(self.u[0], self.v, out=self._product)
-            torch.ops.aten.hardshrink.out(self._product, self.threshold, out=self.weights[0])
+            torch.ops.aten.hardshrink.out(self._product, threshold, out=self.weights[0])
             return
         v, norms = self.v, None
-        if self.grouped and self.threshold > 0:
+        if self.grouped and threshold > 0:
             # ||w_g|| = |v_g| ||u_g||: the small groups are found from the factors and zeroed through v, so the
             # product is the only pass that writes the weights (not product, then norms, then a fill)
             norms = self.factor_norms()
-            kept = norms.le(self.threshold).logical_not_()  # not `>`: a NaN group stays NaN, it is not zeroed
+            kept = norms.le(threshold).logical_not_()  # not `>`: a NaN group stays NaN, it is not zeroed
             v, norms = v * kept, norms.mul_(kept)
         for u, w, dim in zip(self.u, self.weights, self.dims):
             torch.mul(u, v.reshape(scale_shape(u.shape, dim)), out=w)
@@ -188,12 +221,10 @@ class Factorization:
     @torch.no_grad()
     def zero_small(self) -> None:
         """Set entries (or groups) of magnitude ``<= threshold`` of the weights to exact zero, in place."""
-        if self.threshold <= 0:
+        if self.threshold <= 0 or self.frozen:
             return
         norms = self.norms()
         small = norms <= self.threshold
-        if self.grouped and not small.any():  # a pass over the weights saved while no group is small
-            return
         for w, dim in zip(self.weights, self.dims):
             w.masked_fill_(small.reshape(scale_shape(w.shape, dim)), 0.0)
         if self.grouped:
@@ -217,10 +248,11 @@ class Factorization:
         Args:
             dead: a mask over the groups (shaped like :meth:`norms`); default: the groups that are zero now.
         """
-        assert self.u is not None and self.v is not None
         dead = self.norms() == 0 if dead is None else dead
         for w, dim in zip(self.weights, self.dims):
             w.masked_fill_(dead.reshape(scale_shape(w.shape, dim)), 0.0)
+        if self.u is None or self.v is None:
+            return
         views = [scale_shape(u.shape, dim) for u, dim in zip(self.u, self.dims)] + [self.v.shape]
         for tensor, view, state in zip([*self.u, self.v], views, self.optimizer_state or [{}] * len(views)):
             mask = dead.reshape(view)
@@ -229,20 +261,53 @@ class Factorization:
                 if isinstance(value, Tensor) and value.shape == tensor.shape:
                     value.masked_fill_(mask, 0.0)
 
+    @torch.no_grad()
+    def freeze(self, kept: Optional[Tensor] = None) -> None:
+        """Fix the zeros as a mask (default: the groups that are zero now) and hand training back to the weights."""
+        self.kept = (self.norms() != 0) if kept is None else kept.to(torch.bool)
+        self.mask_weights()
+        self.u = self.v = self.optimizer_state = None
+        self._buffers = self._product = None
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of the masked groups of a frozen term: the optimizer then leaves them at zero."""
+        assert self.kept is not None
+        for w, dim in zip(self.weights, self.dims):
+            if w.grad is not None:
+                w.grad.mul_(self.kept.reshape(scale_shape(w.shape, dim)))
+
+    @torch.no_grad()
+    def mask_weights(self) -> None:
+        """Set the masked groups of a frozen term to zero (after a step: decoupled weight decay, momentum)."""
+        assert self.kept is not None
+        for w, dim in zip(self.weights, self.dims):
+            w.mul_(self.kept.reshape(scale_shape(w.shape, dim)))
+
     def balance(self) -> Tensor:
-        """See :func:`~lightning_spred.functional.balance`; ``1.0`` before the factors exist."""
-        if self.u is None or self.v is None:
-            return torch.ones(())
+        """See :func:`~lightning_spred.functional.balance`; ``1.0`` before the factors exist (or once frozen)."""
+        if self.u is None or self.v is None or self.frozen:
+            return torch.ones((), device=self.weights[0].device)
         return balance(self.u, self.v, self.dims)
 
-    def state(self) -> dict[str, Any]:
-        """The factors and their optimizer state, detached copies, for a checkpoint."""
+    def state_dict(self) -> dict[str, Any]:
+        """The factors and their optimizer state (or the frozen mask), detached copies, for a checkpoint."""
+        if self.kept is not None:
+            return {"kept": self.kept.detach().clone()}
         assert self.u is not None and self.v is not None
         return {
             "u": [u.detach().clone() for u in self.u],
             "v": self.v.detach().clone(),
             "optimizer": _clone(self.optimizer_state),
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (called at the term's first step)."""
+        if "kept" in state:
+            self.kept = state["kept"].to(self.weights[0].device)
+            return
+        self.start((state["u"], state["v"]))
+        self.optimizer_state = state.get("optimizer")
 
 
 def _clone(value: Any) -> Any:

@@ -91,18 +91,25 @@ def side_effect_free(module: nn.Module) -> Iterator[None]:
 
 
 def lam_max_of_batch(
-    trainer: Trainer, module: LightningModule, batch: Any, batch_idx: int, terms: Sequence[Factorization]
+    trainer: Trainer,
+    module: LightningModule,
+    batch: Any,
+    batch_idx: int,
+    terms: Sequence[Factorization],
+    absorbed: Callable[[], set[str]] = set,
 ) -> float:
     """The largest :func:`lam_max` of the penalty terms, from the training loss of one batch (averaged over DDP ranks).
 
-    Raises:
-        ValueError: the module uses manual optimization, whose training step cannot run without stepping.
+    Args:
+        trainer: the trainer (for the average across processes).
+        module: the LightningModule, with automatic optimization (its ``training_step`` gives the loss).
+        batch: a training batch.
+        batch_idx: its index.
+        terms: the penalty terms.
+        absorbed: called after the first forward pass, the names of the terms whose scale a normalisation undoes:
+            their gradient at zero means nothing (BatchNorm divides a zero-variance input by ``sqrt(eps)``), so
+            theirs is taken at the current weights.
     """
-    if not module.automatic_optimization:
-        raise ValueError(
-            "SpredCallback computes `lam_max` from a training step, which manual optimization cannot run"
-            " without stepping: give `lam_max=` (or an absolute schedule) instead."
-        )
 
     def loss() -> Tensor:
         output = module.training_step(batch, batch_idx)
@@ -112,7 +119,10 @@ def lam_max_of_batch(
         return trainer.strategy.reduce(grad, reduce_op="mean")
 
     with side_effect_free(module):
-        value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean) for f in terms)
+        with torch.no_grad():
+            loss()  # which terms a normalisation absorbs is known once a forward pass has been traced
+        current = absorbed()
+        value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean, at_zero=f.name not in current) for f in terms)
         vanished = value == 0
         if vanished:
             value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean, at_zero=False) for f in terms)

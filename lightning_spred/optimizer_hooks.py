@@ -9,22 +9,37 @@ weight's learning rate and settings, and the factors' optimizer state (momentum,
 optimizer for the step and taken back after it.
 
 Order within ``optimizer.step(closure)``: the closure runs (forward, backward, AMP unscaling, clipping, all on
-the plain weights), then the weights' gradients become the factors' gradients plus the decay, the factors
-are swapped in, the optimizer updates them, and the weights are set to ``u_i * v``. Without a closure
-(``GradScaler.step``, plain PyTorch) the gradients are final when the step starts.
+the plain weights), then the controller gives ``lam``, the weights' gradients become the factors' gradients plus
+the decay, the factors are swapped in, the optimizer updates them, and the weights are set to ``u_i * v``. Without
+a closure (``GradScaler.step``, plain PyTorch) the gradients are final when the step starts. A frozen term (the
+refit) is not swapped: its weights train within their mask.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Protocol
 
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_spred.factorization import Factorization
+from lightning_spred.resume import SavedTerms
+from lightning_spred.steering import Steering
+from lightning_spred.terms import PenaltyTerms
 
-__all__ = ["FactorStepper"]
+__all__ = ["Clock", "FactorStepper"]
+
+
+class Clock(Protocol):
+    """Where training is: Lightning's ``Trainer`` is one."""
+
+    @property
+    def global_step(self) -> int: ...
+
+    @property
+    def current_epoch(self) -> int: ...
+
 
 # (param list, index) of one member's weight in the optimizer's parameter groups
 _Place = tuple[list, int]
@@ -35,23 +50,28 @@ class FactorStepper:
 
     Args:
         optimizer: the user's optimizer.
-        factorizations: the penalty terms of the whole model; the stepper handles those whose weights are in
-            this optimizer's parameter groups at the time of each step (groups may change during fit).
-        start: called once per term, before its first step, to create its factors.
-        before_step: called before the factors' gradients are computed at each step (to set ``lam``).
+        terms: the penalty terms of the whole model; the stepper handles those whose weights are in this
+            optimizer's parameter groups at the time of each step (groups may change during fit).
+        steering: gives ``lam`` before each step.
+        saved: the terms' states of a checkpoint, applied when each term starts.
+        clock: the step and epoch (the trainer).
+        start_scale: the scale of new factors (see :meth:`Factorization.start`; ``None``: near balance).
     """
 
     def __init__(
         self,
         optimizer: Optimizer,
-        factorizations: Sequence[Factorization],
-        start: Callable[[Factorization], None],
-        before_step: Callable[[], None] = lambda: None,
+        terms: PenaltyTerms,
+        steering: Steering,
+        saved: SavedTerms,
+        clock: Clock,
+        start_scale: Optional[float] = None,
     ) -> None:
         self.optimizer = optimizer
-        self._by_weight = {id(m.weight): (f, i) for f in factorizations for i, m in enumerate(f.members)}
-        self._start = start
-        self._before_step = before_step
+        self.terms, self.steering, self.saved, self.clock = terms, steering, saved, clock
+        self.start_scale = start_scale
+        self._by_weight = {id(m.weight): (f, i) for f in terms for i, m in enumerate(f.members)}
+        self._frozen: list[Factorization] = []
         self._stepping: list[Factorization] = []
         self._swapped: list[tuple[list, int, Tensor]] = []
         self._appended: list[list] = []
@@ -89,12 +109,14 @@ class FactorStepper:
         return (args[0], closure_then_swap, *args[2:]), kwargs
 
     def _post_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        stepped = self._stepping
+        stepped, frozen = self._stepping, self._frozen
         self._restore()
         for f in stepped:
             f.refresh()
             for tensor in (*f.u, f.v):  # type: ignore[misc]
                 tensor.grad = None
+        for f in frozen:
+            f.mask_weights()  # momentum and decoupled weight decay would move the zeros
 
     def _locate(self) -> dict[Factorization, dict[int, _Place]]:
         places: dict[Factorization, dict[int, _Place]] = {}
@@ -115,11 +137,18 @@ class FactorStepper:
         # A step in which none of these weights got a gradient (a skipped batch) changes none of them.
         if not any(w.grad is not None for f, _ in located for w in f.weights):
             return
-        self._before_step()
+        for f, _ in located:
+            if not f.started:
+                self.saved.start(f, self.start_scale)
+        self._frozen = [f for f, _ in located if f.frozen]
+        for f in self._frozen:
+            f.mask_gradients()
+        located = [(f, places) for f, places in located if not f.frozen]
+        sizes = [_step_size(self._group_of(places[0][0])) for f, places in located if f.scheduled]
+        step_size = max((s for s in sizes if s is not None), default=None)
+        self.terms.apply(self.steering.lam_value(self.clock.global_step, self.clock.current_epoch, step_size))
         state = self.optimizer.state
         for f, places in located:
-            if not f.started:
-                self._start(f)
             f.accumulate_gradients()
             factors = [*f.u, f.v]  # type: ignore[misc]
             for i, (params, index) in sorted(places.items()):
@@ -132,8 +161,6 @@ class FactorStepper:
             for tensor, saved in zip(factors, f.optimizer_state or ()):
                 if saved:
                     state[tensor] = _to_device(saved, tensor, group)
-            # how far one step of the decay alone moves the factors, with SGD (Adam's steps do not scale with lam)
-            f.step_size = group["lr"] / (1 - group.get("momentum", 0.0)) if "betas" not in group else None
             self._stepping.append(f)
 
     def _restore(self) -> None:
@@ -145,10 +172,18 @@ class FactorStepper:
             f.optimizer_state = [self.optimizer.state.pop(t, {}) for t in (*f.u, f.v)]  # type: ignore[misc]
         self._appended.clear()
         self._swapped.clear()
-        self._stepping = []
+        self._stepping, self._frozen = [], []
 
     def _group_of(self, params: list) -> dict[str, Any]:
         return next(g for g in self.optimizer.param_groups if g["params"] is params)
+
+
+def _step_size(group: dict[str, Any]) -> Optional[float]:
+    """How far one step of the decay alone moves the factors with SGD, ``lr / (1 - momentum)``; ``None`` for
+    optimizers whose steps do not scale with the gradient (Adam's)."""
+    if "betas" in group or "lr" not in group:
+        return None
+    return float(group["lr"]) / (1 - float(group.get("momentum", 0.0)))
 
 
 def _to_device(state: dict[str, Any], param: Tensor, group: dict[str, Any]) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def test_same_callback_fits_twice():
 def test_subclass_can_choose_parameters():
     class OnlyFirst(SpredCallback):
         def select_parameters(self, pl_module):
-            return [t for t in super().select_parameters(pl_module) if t.path.startswith("net.0")]
+            return [t for t in super().select_parameters(pl_module) if t.name.startswith("net.0")]
 
     model, callback = MLP(), OnlyFirst(0.1, verbose=False)
     last = model.net[3].weight.detach().clone()

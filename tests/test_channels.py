@@ -54,7 +54,7 @@ def test_a_channel_group_holds_the_filter_its_bias_and_its_batchnorm():
     assert following_norm(net, "8") is None
     spred = SpredCallback(0.1, groups={"net.0.weight": "channel", "net.3.weight": "channel"}, verbose=False)
     quiet_trainer(max_steps=1, callbacks=[spred]).fit(Classifier(net), images())
-    assert [[m.path for m in f.members] for f in spred.factorizations] == [
+    assert [[m.name for m in f.members] for f in spred.factorizations] == [
         ["net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias"],
         ["net.3.weight", "net.3.bias", "net.4.weight", "net.4.bias"],
     ]
@@ -168,7 +168,7 @@ def test_resnet18_channel_groups_give_whole_zero_channels():
     # zeros frozen after 70% of the steps: whatever is zero then stays exactly zero
     spred = SpredCallback(1.0, threshold=1e-2, refit_fraction=0.3, groups=groups, verbose=False)
     quiet_trainer(max_steps=50, callbacks=[spred]).fit(model, data)
-    members = {f.name: [m.path for m in f.members] for f in spred.factorizations}
+    members = {f.name: [m.name for m in f.members] for f in spred.factorizations}
     assert len(members) == 20  # every conv of ResNet-18, each with its BatchNorm
     block = "net.layer1.0"
     assert members[f"{block}.conv1.weight"] == [f"{block}.conv1.weight", f"{block}.bn1.weight", f"{block}.bn1.bias"]

@@ -87,8 +87,8 @@ def test_input_groups_match_multitask_lasso(optimizer, tmp_path):
     assert np.abs(weights - reference).max() <= 1e-3
     names = [f"gene{j}" for j in range(x.shape[1])]
     features = callback.selected_features(names=names)
-    assert list(features.indices) == selected.tolist()
-    assert list(features.names) == [names[j] for j in selected]
+    assert list(features.sorted_indices) == selected.tolist()
+    assert list(features.sorted_names) == [names[j] for j in selected]
     np.testing.assert_allclose(features.norms, np.linalg.norm(reference, axis=0)[selected], atol=1e-3)
     with open(trainer.logger.log_dir + "/metrics.csv") as handle:
         logged = [

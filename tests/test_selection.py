@@ -18,7 +18,7 @@ class Net(nn.Module):
 
 
 def paths(chosen):
-    return [p.path for p in chosen]
+    return [p.name for p in chosen]
 
 
 def test_default_is_linear_and_conv_weights_only():
@@ -39,7 +39,7 @@ def test_choose_by_type_pattern_and_function():
 
 def test_lam_overrides_first_match_wins():
     chosen = select_parameters(Net(), lam_overrides={"head.*": 0.5, "*": 0.2})
-    assert [(p.path, p.lam) for p in chosen] == [("conv.weight", 0.2), ("head.weight", 0.5)]
+    assert [(p.name, p.lam) for p in chosen] == [("conv.weight", 0.2), ("head.weight", 0.5)]
 
 
 def test_frozen_parameters_are_chosen_too():
@@ -57,15 +57,16 @@ def test_tied_weight_is_chosen_once():
 
 def test_groups_resolve_named_dims_and_choose_what_they_name():
     chosen = select_parameters(Net(), groups={"head.weight": "input", "conv.weight": "output"})
-    assert [(p.path, p.dim) for p in chosen] == [("conv.weight", 0), ("head.weight", 1)]
+    assert [(p.name, p.dim) for p in chosen] == [("conv.weight", 0), ("head.weight", 1)]
     only_named = select_parameters(Net(), modules=(), groups={"head.weight": "input"})
     assert paths(only_named) == ["head.weight"]
 
 
 @pytest.mark.parametrize("spec", [3, "columns", 1.5])
 def test_bad_group_dim_is_explained(spec):
-    with pytest.raises(ValueError, match="does not fit `head.weight`"):
+    with pytest.raises(ValueError, match="does not fit `head.weight`.*'channel'") as error:
         select_parameters(Net(), groups={"head.weight": spec})
+    assert "'input'" in str(error.value) and "'output'" in str(error.value)
 
 
 @pytest.mark.parametrize("argument", ["lam_overrides", "include", "exclude", "groups"])

@@ -24,7 +24,7 @@ from sklearn.linear_model import lasso_path
 from torch import nn
 
 from lightning_spred import GeometricRamp, LambdaSchedule, SpredCallback, Warmup, lam_max
-from lightning_spred.groups import FeatureSelection
+from lightning_spred.features import FeatureSelection
 
 
 def weights(model):
@@ -134,10 +134,10 @@ def test_a_target_selects_k_features_as_the_lasso_path_does(k):
     # one group per feature: the group lasso with groups of one is the lasso, and groups can be counted
     spred = SpredCallback(groups={"linear.weight": "input"}, target_groups=k, verbose=False)
     quiet_trainer(max_steps=3000, callbacks=[spred]).fit(model, full_batch(x, y))
-    assert spred.steering.phase == "hold"
+    assert spred.steering.phase == "refit"
     selected = spred.selected_features()
     assert len(selected) == k
-    assert set(selected.indices) == support
+    assert set(selected.sorted_indices) == support
 
 
 class PhaseWatch(Callback):
@@ -209,14 +209,14 @@ def test_features_ranked_by_when_they_leave_the_path():
     entry = [int(np.flatnonzero(coefs[j])[0]) if coefs[j].any() else len(alphas) for j in range(x.shape[1])]
     for k in (1, 3, 5):
         expected = set(np.argsort(entry, kind="stable")[:k])
-        assert set(spred.selected_features(k=k).indices) == expected
+        assert set(spred.selected_features(k=k).sorted_indices) == expected
     chosen = spred.selected_features(k=3)
     assert chosen.get_support().sum() == 3 and chosen.transform(torch.from_numpy(x)).shape == (len(x), 3)
     assert all(math.isfinite(v) for v in chosen.exit_lam)
 
 
 def test_feature_selection_is_usable_like_select_from_model():
-    selection = FeatureSelection(indices=(1, 3), norms=(0.5, 2.0), n_features=4)
+    selection = FeatureSelection(sorted_indices=(1, 3), norms=(0.5, 2.0), n_features=4)
     assert selection.get_support().tolist() == [False, True, False, True]
     assert selection.get_support(indices=True).tolist() == [1, 3]
     assert selection.transform(np.arange(8).reshape(2, 4)).tolist() == [[1, 3], [5, 7]]

@@ -1,4 +1,4 @@
-"""Choose which parameters of a model spred penalises, with which ``lam`` and which groups.
+"""Choose which parameters of a model spred penalises, with which fixed ``lam`` and which groups.
 
 The rules mirror optax-style masks: by module type (default: the ``weight`` of every ``Linear`` and
 ``Conv1d/2d/3d``), by name pattern (shell-style, ``*`` also matches dots), or by a function. Patterns
@@ -9,21 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence
 
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-__all__ = ["DEFAULT_MODULES", "GroupDim", "PenalisedParameter", "check_group_spec", "select_parameters"]
+from lightning_spred.group_kinds import GroupKind, GroupSpec, resolve_group_kind
+
+__all__ = ["DEFAULT_MODULES", "PenalisedParameter", "SelectFn", "select_parameters"]
 
 DEFAULT_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-#: A group specification: ``None`` (elementwise), a dimension index, ``"input"`` (dim 1: input
-#: features of a Linear, input channels of a conv), ``"output"`` (dim 0: neurons, filters) or ``"channel"``
-#: (output channels together with their bias and the BatchNorm after them, see :mod:`lightning_spred.channels`).
-GroupDim = Union[None, int, str]
-_NAMED_DIMS = {"input": 1, "output": 0, "channel": 0}
 
 SelectFn = Callable[[str, nn.Module, nn.Parameter], bool]
 
@@ -33,30 +29,27 @@ class PenalisedParameter:
     """A parameter chosen for the penalty.
 
     Attributes:
-        path: its name in ``model.named_parameters()``.
+        name: its name in ``model.named_parameters()``.
         module: the module that owns it.
-        name: its attribute name on ``module``.
+        attr: its attribute name on ``module`` (``"weight"``).
         lam: its own fixed coefficient (from ``lam_overrides``), or ``None`` to follow the callback's ``lam``.
-        dim: ``None`` for elementwise L1, else the dimension whose indices are the groups.
-        channel: its output channels are grouped with their bias and normalisation (``"channel"`` groups).
+        group: ``None`` for elementwise L1, else the kind of its groups (see :mod:`lightning_spred.group_kinds`).
     """
 
-    path: str
-    module: nn.Module
     name: str
+    module: nn.Module
+    attr: str
     lam: Optional[float]
-    dim: Optional[int]
-    channel: bool = False
+    group: Optional[GroupKind]
 
+    @property
+    def dim(self) -> Optional[int]:
+        """The dimension whose indices are the groups (``None``: elementwise)."""
+        return None if self.group is None else self.group.dim
 
-def check_group_spec(spec: GroupDim, where: str) -> None:
-    """Raise a ``ValueError`` naming ``where`` unless ``spec`` is a valid group specification."""
-    valid = spec is None or spec in _NAMED_DIMS or (isinstance(spec, int) and not isinstance(spec, bool))
-    if not valid:
-        raise ValueError(
-            f"{where} is {spec!r}: use None for elementwise L1, 'input' (dim 1: input features or channels),"
-            " 'output' (dim 0: neurons or filters) or a dimension index."
-        )
+    @property
+    def parameter(self) -> nn.Parameter:
+        return self.module._parameters[self.attr]  # type: ignore[return-value]
 
 
 def select_parameters(
@@ -66,7 +59,7 @@ def select_parameters(
     exclude: Sequence[str] = (),
     select: Optional[SelectFn] = None,
     lam_overrides: Optional[Mapping[str, float]] = None,
-    groups: Optional[Mapping[str, GroupDim]] = None,
+    groups: Optional[Mapping[str, GroupSpec]] = None,
 ) -> list[PenalisedParameter]:
     """Return the parameters of ``model`` to penalise, in ``named_parameters`` order.
 
@@ -82,7 +75,7 @@ def select_parameters(
         exclude: name patterns of parameters never penalised.
         select: a function ``(path, module, parameter) -> bool`` that replaces ``modules`` and ``include``.
         lam_overrides: name pattern to a fixed ``lam``; the first matching pattern wins.
-        groups: name pattern to group dimension (see :data:`GroupDim`); the first matching pattern wins.
+        groups: name pattern to group kind (see :mod:`lightning_spred.group_kinds`); the first matching pattern wins.
 
     Raises:
         ValueError: a pattern matches nothing it could, a chosen weight is already parametrised
@@ -91,9 +84,9 @@ def select_parameters(
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1))
-        >>> [p.path for p in select_parameters(net)]
+        >>> [p.name for p in select_parameters(net)]
         ['0.weight', '2.weight']
-        >>> [(p.path, p.lam) for p in select_parameters(net, include=["*.bias"], lam_overrides={"2.*": 0.5})]
+        >>> [(p.name, p.lam) for p in select_parameters(net, include=["*.bias"], lam_overrides={"2.*": 0.5})]
         [('0.weight', None), ('0.bias', None), ('2.weight', 0.5), ('2.bias', 0.5)]
     """
     lam_overrides = dict(lam_overrides or {})
@@ -114,37 +107,28 @@ def select_parameters(
         wrapped = _parametrised_weight(module, module_path, modules if select is None else ())
         if wrapped is not None and first_match(wrapped, exclude) is None:
             raise ValueError(_parametrised_message(wrapped))
-        for name, param in module._parameters.items():
+        for attr, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
             seen.add(id(param))
-            path = f"{module_path}.{name}" if module_path else name
-            all_names.append(path)
-            if first_match(path, exclude) is not None:
+            name = f"{module_path}.{attr}" if module_path else attr
+            all_names.append(name)
+            if first_match(name, exclude) is not None:
                 continue
             if select is not None:
-                chosen = bool(select(path, module, param))
+                chosen = bool(select(name, module, param))
             else:
-                by_type = name == "weight" and isinstance(module, tuple(modules))
-                by_name = first_match(path, [*include, *groups]) is not None
+                by_type = attr == "weight" and isinstance(module, tuple(modules))
+                by_name = first_match(name, [*include, *groups]) is not None
                 chosen = by_name or by_type
             if not chosen:
                 continue
-            _check_can_factorise(module, param, path)
-            override = first_match(path, list(lam_overrides))
-            group = first_match(path, list(groups))
-            spec = groups[group] if group is not None else None
-            dim = _group_dim(spec, param.ndim, path)
+            _check_can_factorise(module, param, name)
+            override = first_match(name, list(lam_overrides))
+            pattern = first_match(name, list(groups))
+            group = resolve_group_kind(groups[pattern] if pattern is not None else None, module, attr, name)
             lam = float(lam_overrides[override]) if override else None
-            channel = spec == "channel"
-            if channel and (
-                name != "weight" or not hasattr(module, "out_channels") and not hasattr(module, "out_features")
-            ):
-                raise ValueError(
-                    f"Group 'channel' does not fit `{path}`: it groups the output channels of a Linear or conv"
-                    " `weight` with their bias and BatchNorm. Use 'output' for other parameters."
-                )
-            chosen_list.append(PenalisedParameter(path, module, name, lam, dim, channel))
+            chosen_list.append(PenalisedParameter(name, module, attr, lam, group))
 
     unused = [p for p in [*include, *exclude, *lam_overrides, *groups] if p not in used_patterns]
     if unused:
@@ -187,15 +171,3 @@ def _parametrised_message(path: str) -> str:
         " `parametrize.remove_parametrizations` or `prune.remove`), or exclude it with"
         f" `SpredCallback(..., exclude=['{path}'])`."
     )
-
-
-def _group_dim(spec: GroupDim, ndim: int, path: str) -> Optional[int]:
-    if spec is None:
-        return None
-    dim = _NAMED_DIMS.get(spec, spec) if isinstance(spec, str) else spec
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -ndim <= dim < ndim or ndim < 2:
-        raise ValueError(
-            f"Group {spec!r} does not fit `{path}` ({ndim} dimensions). Use None for elementwise L1, 'input' (dim 1),"
-            " 'output' (dim 0) or a dimension index of a parameter with at least 2 dimensions."
-        )
-    return dim % ndim
