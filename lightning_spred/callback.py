@@ -8,10 +8,6 @@ it. Each hook below is a few lines that call them at the right time.
 
 from __future__ import annotations
 
-import multiprocessing
-import tempfile
-import uuid
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -29,7 +25,7 @@ from lightning_spred.checks import (
     check_strategy,
     training_budget,
 )
-from lightning_spred.diagnostics import ForwardTrace, L2PhaseForecast, absorbed_terms, degenerate_penalties
+from lightning_spred.diagnostics import FixedLamForecast, ForwardTrace, absorbed_terms, degenerate_penalties
 from lightning_spred.factorization import Factorization
 from lightning_spred.features import FeatureSelection, selected_features
 from lightning_spred.functional import threshold as threshold_tensor
@@ -39,13 +35,17 @@ from lightning_spred.loggers import SpredLogging
 from lightning_spred.optimizer_hooks import FactorStepper
 from lightning_spred.parameters import DEFAULT_MODULES, PenalisedParameter, SelectFn, select_parameters
 from lightning_spred.path import PathPoint, PathRecorder, RegularizationPath
-from lightning_spred.report import LayerSparsity, SparsityReport, sparsity_report
+from lightning_spred.report import SparsityReport, sparsity_report
+from lightning_spred.results import FitResults
 from lightning_spred.resume import SavedTerms
 from lightning_spred.schedules import LamSchedule
 from lightning_spred.steering import Steering
 from lightning_spred.terms import PenaltyTerms
 
 __all__ = ["SpredCallback"]
+
+#: A fixed ``lam`` below this fraction of ``lam_max`` is warned about (two orders of magnitude).
+FAR_BELOW = 1e-2
 
 
 class SpredCallback(Callback):
@@ -101,8 +101,9 @@ class SpredCallback(Callback):
         layer_floor: with a target, each penalised weight keeps at least this fraction of its share of the kept
             entries, and at least one group (``0`` lets layers die).
         prune_by: who chooses a target's zeros: ``"path"`` (``lam`` rises until the weights leave by themselves; the
-            default of ``target_groups``) or ``"magnitude"`` (``lam`` stays gentle and the schedule prunes the
-            smallest weights; the default of ``target_sparsity``). See :class:`~lightning_spred.steering.Steering`.
+            default of ``target_groups`` on ``"input"`` groups: feature selection) or ``"magnitude"`` (``lam`` stays
+            gentle and the schedule prunes the smallest weights; the default otherwise: compression). See
+            :class:`~lightning_spred.steering.Steering`.
         record_path: record path points: ``True`` at every validation end (every epoch end without validation),
             an integer ``n`` every ``n`` optimizer steps. See :attr:`path` and :meth:`restore`.
         path_dir: save the path's snapshots there instead of keeping them in memory (needs ``record_path``).
@@ -150,6 +151,9 @@ class SpredCallback(Callback):
             check_coefficient("refit_fraction", refit_fraction)
         if lam is not None and not isinstance(lam, LamSchedule):
             lam = check_coefficient("lam", lam)
+        self.groups = check_groups(groups or {})
+        if prune_by is None and target_groups is not None and set(self.groups.values()) == {"input"}:
+            prune_by = "path"  # feature selection: only the input layer is penalised, the path ranks the features
         # a target counts what it zeroes at 1e-3 at least: a threshold of 1e-6 lags far behind a short run
         self.steering = Steering(
             lam,
@@ -164,7 +168,6 @@ class SpredCallback(Callback):
         self.lam_overrides = {
             k: check_coefficient(f"lam_overrides[{k!r}]", v) for k, v in (lam_overrides or {}).items()
         }
-        self.groups = check_groups(groups or {})
         self.modules = check_modules(DEFAULT_MODULES if modules is None and not self.groups else modules or ())
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
@@ -197,14 +200,12 @@ class SpredCallback(Callback):
         self._steppers: list[FactorStepper] = []
         self._recorder = PathRecorder(path_dir)
         self._logging = SpredLogging()
-        self._report: Optional[SparsityReport] = None
-        self._norms: dict[str, tuple[int, Tensor]] = {}  # grouped terms at the end of fit: (dim, group norms)
+        self._results = FitResults()
         self._model: Optional[nn.Module] = None
         self._trace: Optional[ForwardTrace] = None
-        self._forecast: Optional[L2PhaseForecast] = None
+        self._forecast: Optional[FixedLamForecast] = None
         self._dead: set[str] = set()
-        # a `ddp_spawn` fit runs in worker processes: rank zero leaves its results here for this process
-        self._handoff = Path(tempfile.gettempdir()) / f"lightning_spred-{uuid.uuid4().hex}.pt"
+        self._judge_lam = False
 
     def __getstate__(self) -> dict[str, Any]:
         # the optimizer hooks and the forward trace belong to the running fit, not to a copy of the callback
@@ -242,7 +243,7 @@ class SpredCallback(Callback):
     @property
     def path(self) -> RegularizationPath:
         """The recorded path points (see ``record_path``), oldest first."""
-        self._take_handoff()
+        self._take_over()
         return self._recorder.points
 
     def report(self) -> SparsityReport:
@@ -251,13 +252,13 @@ class SpredCallback(Callback):
         Raises:
             RuntimeError: no fit with this callback has ended yet.
         """
-        self._take_handoff()
-        if self._report is None:
+        self._take_over()
+        if self._results.report is None:
             raise RuntimeError(
                 "No fit with this SpredCallback has ended yet: call `trainer.fit` first. (Under `strategy='ddp_spawn'`"
                 " the results come back when rank zero's fit ends; an interrupted worker leaves none.)"
             )
-        return self._report
+        return self._results.report
 
     def selected_features(
         self, parameter: Optional[str] = None, names: Optional[Sequence[str]] = None, k: Optional[int] = None
@@ -274,8 +275,8 @@ class SpredCallback(Callback):
             RuntimeError: no fit with groups has happened yet.
             ValueError: ``parameter`` is not a grouped weight, or is needed to choose among several.
         """
-        self._take_handoff()
-        grouped = self._norms or {f.name: (f.dims[0], f.norms()) for f in self._terms if f.grouped}
+        self._take_over()
+        grouped = self._results.norms or {f.name: (f.dims[0], f.norms()) for f in self._terms if f.grouped}
         if not grouped:
             raise RuntimeError(
                 "No fit with `groups=` has happened yet: fit with SpredCallback(..., groups={...}) first."
@@ -338,7 +339,8 @@ class SpredCallback(Callback):
         metrics["spred/nonzeros"] = total - zeros
         metrics["spred/penalty"] = census.penalty.sum()
         metrics["spred/lam"] = torch.tensor(self._terms.lam)
-        metrics["spred/balance"] = census.balance[started].mean() if started.any() else torch.ones(())
+        count = started.sum()
+        metrics["spred/balance"] = torch.where(count > 0, (census.balance * started).sum() / count.clamp_min(1), 1.0)
         metrics["spred/sparsity"] = zeros / total
         metrics["spred/dead_layers"] = ((census.in_use == 0) & started).sum()
         return metrics
@@ -351,7 +353,8 @@ class SpredCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._detach()
-        self._terms, self._model, self._report, self._norms = PenaltyTerms(), pl_module, None, {}
+        self._terms, self._model = PenaltyTerms(), pl_module
+        self._results.clear()
         terms = self._build(trainer, pl_module)
         total = training_budget(trainer, self.total_steps, self.steering.needs_budget)
         if self.steering.needs_lam_max and self.lam_max is None and not pl_module.automatic_optimization:
@@ -375,7 +378,12 @@ class SpredCallback(Callback):
         ]
         self._trace, self._dead = ForwardTrace(pl_module), set()
         fixed = isinstance(self.lam, float) and not self.steering.has_target
-        self._forecast = L2PhaseForecast(total) if fixed and total else None  # schedules and targets move lam
+        # schedules and targets move lam themselves; a fixed lam is judged after a tenth of the steps
+        self._forecast = FixedLamForecast(total, threshold=self.threshold) if fixed and total else None
+        # a fixed lam far below lam_max makes no zeros: lam_max is computed at the first batch to say so
+        self._judge_lam = fixed and bool(self.lam) and pl_module.automatic_optimization
+        if self._judge_lam and self.lam_max is not None:
+            self._judge_fixed_lam()
         self._logging.begin(trainer)
         SpredLogging.hyperparameters(trainer, self._hyperparameters())
         if self.verbose:
@@ -386,10 +394,12 @@ class SpredCallback(Callback):
             )
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.steering.needs_lam_max:
+        if self.steering.needs_lam_max or (self._judge_lam and self.steering.lam_max is None):
             self.steering.lam_max = lam_max_of_batch(
                 trainer, pl_module, batch, batch_idx, self._terms.scheduled, self._absorbed
             )
+            if self._judge_lam:
+                self._judge_fixed_lam()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -428,8 +438,8 @@ class SpredCallback(Callback):
         if self.print_report:
             rank_zero_info(f"SpredCallback: sparsity of the penalised weights\n{self.report()}")
         SpredLogging.at_end(trainer, self.report(), self.path)
-        if trainer.is_global_zero and multiprocessing.parent_process() is not None:
-            self._leave_handoff()
+        if trainer.is_global_zero and self._results.in_spawned_worker():
+            self._results.hand_off({"path": self._recorder.state_dict(), "steering": self.steering.state_dict()})
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # Lightning skips `teardown` when fit raises or is interrupted: finish here so the user keeps a plain model.
@@ -522,6 +532,17 @@ class SpredCallback(Callback):
         )
         SpredLogging.path_point(trainer, point)
 
+    def _judge_fixed_lam(self) -> None:
+        self._judge_lam = False
+        lam, lam_max = float(self.lam), self.steering.lam_max  # type: ignore[arg-type]
+        if lam_max and lam < FAR_BELOW * lam_max:
+            rank_zero_warn(
+                f"`lam={lam:g}` is {lam_max / lam:,.0f} times below `lam_max={lam_max:.4g}` (where every penalised"
+                " weight would be zero): a weight ends at zero only where its loss gradient stays below `lam`, which"
+                " so small a `lam` leaves to almost none. Raise it, or give a target (`target_sparsity=`).",
+                category=UserWarning,
+            )
+
     def _diagnose(self, trainer: Trainer) -> None:
         if self._trace is not None and self._trace.done:
             for message in degenerate_penalties(self._trace, self._terms, trainer.optimizers):
@@ -531,8 +552,7 @@ class SpredCallback(Callback):
         forecast = self._forecast
         if forecast is not None and not forecast.done:
             if forecast.first is None or trainer.global_step >= forecast.check_step:
-                message = forecast.observe(trainer.global_step, self._terms.census().host().mean_balance)
-                if message:
+                for message in forecast.observe(trainer.global_step, self._terms):
                     rank_zero_warn(message, category=UserWarning)
 
     def _finish(self) -> None:
@@ -542,8 +562,7 @@ class SpredCallback(Callback):
             self._trace = None
         self._detach()
         self._terms.zero_small()  # the weights are sparse already, unless weight averaging just replaced them
-        self._report = sparsity_report(self._terms.named_weights())
-        self._norms = {f.name: (f.dims[0], f.norms().detach().cpu()) for f in self._terms if f.grouped}
+        self._results.keep(sparsity_report(self._terms.named_weights()), self._terms)
 
     def _detach(self) -> None:
         for stepper in self._steppers:
@@ -571,29 +590,12 @@ class SpredCallback(Callback):
             + ". Choose parameters with `modules=`, `include=[...]`, `groups=` or `select=`."
         )
 
-    def _leave_handoff(self) -> None:
-        """In a spawned worker (``ddp_spawn``), rank zero saves the results for the launching process."""
-        assert self._report is not None
-        torch.save(
-            {
-                "report": [[layer.name, layer.parameters, layer.nonzeros] for layer in self._report.layers],
-                "norms": {name: [dim, norms] for name, (dim, norms) in self._norms.items()},
-                "path": self._recorder.state_dict(),
-                "steering": self.steering.state_dict(),
-            },
-            self._handoff,
-        )
-
-    def _take_handoff(self) -> None:
-        """In the launching process of a ``ddp_spawn`` fit: take the results rank zero left (once)."""
-        if not self._handoff.exists():
-            return
-        results = torch.load(self._handoff, weights_only=True)
-        self._handoff.unlink()
-        self._report = SparsityReport(tuple(LayerSparsity(*row) for row in results["report"]))
-        self._norms = {name: (dim, norms) for name, (dim, norms) in results["norms"].items()}
-        self._recorder.load_state_dict(results["path"])
-        self.steering.load_state_dict(results["steering"])
+    def _take_over(self) -> None:
+        """In the script that launched a ``ddp_spawn`` fit: the results rank zero left."""
+        state = self._results.take_over()
+        if state is not None:
+            self._recorder.load_state_dict(state["path"])
+            self.steering.load_state_dict(state["steering"])
 
 
 def _last_epoch(trainer: Trainer) -> bool:

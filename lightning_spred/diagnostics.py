@@ -1,15 +1,18 @@
 """Warnings for penalties that cannot do what the user meant: absorbed scales, dead layers, a run stuck in L2.
 
 - **Scale absorbed.** A normalisation (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) right after a penalised
-  layer undoes that layer's scale, so the penalty shrinks the weights towards zero without removing anything.
-  With channel groups (the normalisation in the group), the next layer's normalisation undoes the common scale
+  layer undoes that layer's scale, so the penalty can shrink the whole layer at no cost to the loss: groups
+  shrink without being removed, and entries, which the penalty still chooses among, head with the layer towards
+  the normalisation's eps. With channel groups (the normalisation in the group), the next layer's normalisation
+  undoes the common scale
   of all the channels: they shrink together and reach zero nearly at once.
 - **Scale escape.** A penalised layer followed, through positively homogeneous steps (ReLU, pooling, dropout,
   flatten), by a layer that is neither penalised nor weight-decayed can hand its scale to that layer: the penalty
   then shrinks every weight of the first layer alike instead of choosing among them.
 - **Dead layer.** Every weight of a penalised tensor is zero: its output is constant.
-- **L2 phase.** From a start far from balance spred acts like L2 weight decay until the factors balance
-  (with SGD, about ``lam * sum(lr) / (1 - momentum) >= 2``); a run that will not get there ends without zeros.
+- **L2 phase, no zeros.** From a start far from balance spred acts like L2 weight decay until the factors balance
+  (with SGD, about ``lam * sum(lr) / (1 - momentum) >= 2``); a run that will not get there, or whose ``lam`` is too
+  small to win against the loss anywhere, ends without zeros.
 
 The first two come from one forward pass traced with module hooks: which module consumes which module's output.
 """
@@ -19,14 +22,18 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_spred.factorization import Factorization
+from lightning_spred.terms import PenaltyTerms, Pool
 
-__all__ = ["ForwardTrace", "L2PhaseForecast", "absorbed_terms", "degenerate_penalties"]
+__all__ = ["FixedLamForecast", "ForwardTrace", "absorbed_terms", "degenerate_penalties"]
 
+#: A fixed ``lam`` forecast to zero fewer than this fraction of the weights by the end is warned about.
+NO_ZEROS = 0.01
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 # f(a * x) = a * f(x) for a > 0: a layer's scale passes through these to the next layer
 _HOMOGENEOUS = (
@@ -192,44 +199,65 @@ def _following_norms(trace: ForwardTrace, module: nn.Module, own: set[int]) -> l
     return [m for m in trace.consumers(module) if isinstance(m, _NORMS) and id(getattr(m, "weight", None)) not in own]
 
 
-class L2PhaseForecast:
-    """Extrapolates the factors' balance to the end of the run, from its value at the start and after a tenth.
+class FixedLamForecast:
+    """Judges, after a tenth of the steps, whether a fixed ``lam`` will do anything in this run.
 
-    ``1 - balance`` shrinks about exponentially in the number of steps (under gradient flow with SGD, ``u^2 - v^2``
-    decays at the rate ``2 * lam * lr / (1 - momentum)`` per step, whatever the loss). If the extrapolation stays
-    below ``0.9`` at the end of the run, the fit will end while spred still acts like L2 weight decay.
+    Two forecasts, from the start and the tenth of the steps:
+
+    - **the L2 phase**: ``1 - balance`` shrinks about exponentially in the number of steps (under gradient flow with
+      SGD, ``u^2 - v^2`` decays at the rate ``2 * lam * lr / (1 - momentum)`` per step, whatever the loss); if the
+      extrapolation stays below ``0.9`` at the end, the fit ends while spred still acts like L2 weight decay;
+    - **no zeros**: every entry (group) is extrapolated at its own rate of decay; if fewer than 1% are zero or
+      forecast to reach the threshold by the end, this ``lam`` makes almost no zeros in this run (the factors may be
+      balanced and the penalty still far too small to win against the loss).
 
     Args:
         total_steps: the steps the fit will take.
         fraction: when to judge, as a fraction of ``total_steps``.
+        threshold: what counts as zero.
     """
 
-    def __init__(self, total_steps: int, fraction: float = 0.1) -> None:
+    def __init__(self, total_steps: int, fraction: float = 0.1, threshold: float = 1e-6) -> None:
         self.total_steps = total_steps
         self.check_step = max(1, int(fraction * total_steps))
-        self.first: Optional[tuple[int, float]] = None
+        self.threshold = threshold
+        self.first: Optional[tuple[int, float, Tensor]] = None
         self.done = total_steps < 50  # too short to judge
 
-    def observe(self, step: int, balance: float) -> Optional[str]:
-        """Record the balance after ``step``; return a warning once, at the judging step, if it is due."""
-        if self.done:
-            return None
+    def observe(self, step: int, terms: PenaltyTerms) -> list[str]:
+        """Record the terms after ``step``; return the warnings due, once, at the judging step."""
+        if self.done or not terms.scheduled:
+            return []
+        pool = Pool(terms.scheduled, 0, [0] * len(terms.scheduled))
         if self.first is None:
-            self.first = (step, 1 - balance)
-            return None
+            self.first = (step, 1 - terms.census().host().mean_balance, pool.magnitudes())
+            return []
         if step < self.check_step:
-            return None
+            return []
         self.done = True
-        (start, gap_start), gap = self.first, 1 - balance
+        start, gap_start, magnitudes = self.first
+        exits, _ = pool.forecast(magnitudes, step - start, self.total_steps - step, max(self.threshold, 1e-30))
+        census = terms.census().with_extra(exits=exits.reshape(1).to(torch.float64)).host()
+        messages = [self._l2_phase(step, start, gap_start, 1 - census.mean_balance)]
+        forecast = census.zeros + int(census.extra["exits"][0])
+        if forecast < NO_ZEROS * census.entries:
+            messages.append(
+                f"SpredCallback: `lam={terms.lam:g}` will make almost no zeros in this run: {census.zeros} after {step}"
+                f" of {self.total_steps} steps, and at their rates of decay {forecast:,} of {census.entries:,} weights"
+                f" (under {NO_ZEROS:.0%}) reach the threshold ({self.threshold:g}) by the end. Raise `lam` (tens of"
+                " times), train longer, or steer with a target (`target_sparsity=`), which finds `lam` itself."
+            )
+        return [m for m in messages if m]
+
+    def _l2_phase(self, step: int, start: int, gap_start: float, gap: float) -> str:
         if gap <= 0.1:
-            return None
+            return ""
         rate = math.log(gap_start / gap) / (step - start) if gap_start > gap > 0 else 0.0
-        predicted = gap * math.exp(-rate * (self.total_steps - step))
-        if predicted <= 0.1:
-            return None
+        if gap * math.exp(-rate * (self.total_steps - step)) <= 0.1:
+            return ""
         needed = f"about {step + math.log(gap / 0.1) / rate:,.0f} steps" if rate > 0 else "more steps than any"
         return (
-            f"spred is still in its L2 phase: balance {balance:.2f} after {step} of {self.total_steps} steps, and at"
+            f"spred is still in its L2 phase: balance {1 - gap:.2f} after {step} of {self.total_steps} steps, and at"
             f" this rate it reaches 0.9 (where the penalty acts as L1 and weights become exactly zero) after {needed}."
             " Raise `lam` or the learning rate, train longer, or steer with a target (`target_sparsity=`)."
             " With SGD, zeros appear once lam * sum(lr) / (1 - momentum) reaches about 2."

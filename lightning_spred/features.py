@@ -19,7 +19,7 @@ from lightning_spred.functional import group_norms
 __all__ = ["FeatureSelection", "rank_groups", "selected_features"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class FeatureSelection:
     """The selected groups of a weight, a fitted scikit-learn-style selector.
 

@@ -215,6 +215,5 @@ def balance(us: Sequence[Tensor], v: Tensor, dims: Sequence[Optional[int]]) -> T
     a = joint_group_norms(us, dims).reshape(v.shape).square()
     b = v.square()
     total = (a + b).sum()
-    if total == 0:
-        return torch.ones((), device=v.device)
-    return (2 * (a * b).sqrt()).sum() / total
+    # no `if total == 0`: a tensor's truth value waits for the device
+    return torch.where(total > 0, (2 * (a * b).sqrt()).sum() / total.clamp_min(1e-30), torch.ones_like(total))

@@ -118,6 +118,9 @@ def lam_max_of_batch(
     def mean(grad: Tensor) -> Tensor:
         return trainer.strategy.reduce(grad, reduce_op="mean")
 
+    terms = [f for f in terms if f.trainable]  # a frozen weight has no gradient to measure
+    if not terms:
+        return 0.0
     with side_effect_free(module):
         with torch.no_grad():
             loss()  # which terms a normalisation absorbs is known once a forward pass has been traced

@@ -9,7 +9,7 @@ matters) and, when asked, points with the counts, the trainer's metrics and a sn
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
@@ -148,9 +148,14 @@ class PathRecorder:
         self._before = dict(metrics)
 
     def validated(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """After a validation: the metrics it logged (new or changed ones) belong to ``step``."""
+        """After a validation: the metrics it logged (new or changed ones) belong to ``step``, and join the point
+        recorded after that step, if any (validation runs after the step's last hook)."""
         changed = {k for k, v in metrics.items() if k not in self._before or self._before[k] is not v}
         self._validation = (step, self._validation[1] | changed)
+        if self.points and self.points[-1].step == step:
+            point = self.points[-1]
+            scalars = _scalars({k: v for k, v in metrics.items() if k in changed})
+            self.points[-1] = replace(point, metrics={**point.metrics, **scalars})
 
     def current_metrics(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """The trainer's metrics that belong to ``step``: validation metrics only if validation ran at that step."""
@@ -202,7 +207,7 @@ class PathRecorder:
             self.directory.mkdir(parents=True, exist_ok=True)
             snapshot = str(self.directory / f"point_{step}.pt")
             torch.save(state, snapshot)
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, Tensor)) and _scalar(v)}
+        scalars = _scalars(metrics)
         point = PathPoint(
             step,
             epoch,
@@ -242,5 +247,10 @@ class PathRecorder:
         self.exit_step = dict(state.get("exit_step", {}))
 
 
-def _scalar(value: Any) -> bool:
-    return not isinstance(value, Tensor) or value.numel() == 1
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The one-number metrics, as floats."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, Tensor)) and (not isinstance(v, Tensor) or v.numel() == 1)
+    }

@@ -31,6 +31,11 @@ class LamSchedule(ABC):
     def __init__(self, relative: bool = False) -> None:
         self.relative = bool(relative)
 
+    @property
+    def length(self) -> int:
+        """The step from which the schedule stays at its last value (``0``: from the start or unknown)."""
+        return 0
+
     @abstractmethod
     def value(self, step: int, epoch: int) -> float:
         """``lam`` (or its fraction of ``lam_max``) for the optimizer step ``step`` taken in epoch ``epoch``."""
@@ -74,6 +79,10 @@ class Warmup(LamSchedule):
         self.lam = _positive("lam", lam)
         self.steps = _count("steps", steps)
 
+    @property
+    def length(self) -> int:
+        return self.steps
+
     def value(self, step: int, epoch: int) -> float:
         return self.lam * min(1.0, step / self.steps) if self.steps else self.lam
 
@@ -91,6 +100,10 @@ class GeometricRamp(LamSchedule):
         self.end = _positive("end", end, strict=True)
         self.steps = _count("steps", steps)
         self.delay = _count("delay", delay)
+
+    @property
+    def length(self) -> int:
+        return self.delay + self.steps
 
     def value(self, step: int, epoch: int) -> float:
         progress = min(1.0, max(0, step - self.delay) / self.steps) if self.steps else 1.0

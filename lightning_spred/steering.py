@@ -87,12 +87,12 @@ class Steering:
         threshold: magnitude at or below which an entry (group) counts as switched off for the forecast.
         prune_by: who chooses a target's zeros. ``"path"``: ``lam`` rises as far as the schedule needs, the weights
             leave as they would along the L1 path, and the smallest are pruned only at the end of the schedule, if
-            the count is still short (the default of
-            ``target_groups``: on the Lasso it keeps the path's exact support; a feature selection penalises only
-            the input layer, so the rest of the network trains freely). ``"magnitude"``: ``lam`` rises only while
-            it switches weights off, and the schedule prunes the smallest (the default of ``target_sparsity``: on a
-            digits MLP with every layer penalised, a ``lam`` high enough to lead cost 2.5 points against gradual
-            magnitude pruning; gentle, it tied).
+            the count is still short (for feature selection: on the Lasso it keeps the path's exact support, and
+            only the input layer is penalised, so the rest of the network trains freely). ``"magnitude"`` (the
+            default): ``lam`` rises only while it switches weights off, and the schedule prunes the smallest (for
+            compression: on a digits MLP with every layer penalised, a ``lam`` high enough to lead cost 2.5 points
+            against gradual magnitude pruning, gentle it tied; on a BatchNorm CNN's channels at 90% led by the path
+            it kept 0.69 accuracy, led by magnitude 0.95).
 
     Raises:
         TypeError, ValueError: an argument is invalid (checked here, before training).
@@ -125,7 +125,7 @@ class Steering:
         self.check_every = check_every
         self.layer_floor = float(layer_floor)
         self.threshold = float(threshold)
-        self.prune_by = prune_by or ("path" if target_groups is not None else "magnitude")
+        self.prune_by = prune_by or "magnitude"
         self.lam_max: Optional[float] = None
         self.total_steps: Optional[int] = None
         self.pools: list[Pool] = []
@@ -142,8 +142,8 @@ class Steering:
         self.schedule_start: Optional[tuple[int, list[int]]] = None  # (step, zeros of each pool) at the first check
         self.reached_step: Optional[int] = None
         self.previous: list[Optional[Tensor]] = []  # each pool's magnitudes at the last check
-        self.chosen_by_path = 0  # zeros that were below the threshold when a check zeroed them
-        self.pruned = 0  # all zeros made at checks
+        self.zeroed = 0  # the zeros a check made
+        self.zeroed_by_path = 0  # those that were below the threshold already: the penalty had switched them off
         self._warned: set[str] = set()
 
     # ---------------------------------------------------------------------------------------------- properties
@@ -181,6 +181,12 @@ class Steering:
             return None
         return self.total_steps - int(round(fraction * self.total_steps))
 
+    @property
+    def path_share(self) -> float:
+        """The share of a target's zeros that the penalty had switched off (below the threshold) when they were made
+        zero; the others were the smallest on the schedule."""
+        return self.zeroed_by_path / self.zeroed if self.zeroed else 0.0
+
     def describe_target(self) -> str:
         if self.target_sparsity is not None:
             return f"target_sparsity={self.target_sparsity}"
@@ -198,6 +204,14 @@ class Steering:
         if not resumed:
             self._reset()
         self.total_steps = total_steps
+        if isinstance(self.lam, LamSchedule) and total_steps and self.lam.length > total_steps:
+            rank_zero_warn(
+                f"{self.lam!r} reaches its last value at step {self.lam.length}, but this fit takes {total_steps}"
+                f" optimizer steps: it ends at {self.lam(total_steps):.4g}"
+                + (" (times lam_max)" if self.lam.relative else "")
+                + ". Shorten the schedule, or train longer.",
+                category=UserWarning,
+            )
         self.pools = self._pools(terms) if self.has_target else []
         if len(self.previous) != len(self.pools):
             self.previous = [None] * len(self.pools)
@@ -297,16 +311,23 @@ class Steering:
         if not self.pools:
             return
         horizon = HORIZON_CHECKS * self.check_every
+        zeroed: list[Tensor] = []
         if self.schedule_start is not None:
             # led by the path, only the weights that left by themselves are zeroed (up to the target) until the end
-            # of the schedule; led by magnitude, the smallest are pruned wherever the count lags the schedule
+            # of the schedule; led by magnitude, the smallest are pruned wherever the count lags the schedule.
+            # Nothing is pruned from non-finite weights (decided on the device: the census below says so).
+            finite = torch.stack([w.isfinite().all() for f in terms for w in f.weights]).all()
             for index, pool in enumerate(self.pools):
-                pool.zero_smallest(self._schedule(step, index) if self.prune_by == "magnitude" else 0, self.threshold)
+                at_least = self._schedule(step, index) if self.prune_by == "magnitude" else 0
+                zeroed.append(pool.zero_smallest(at_least, self.threshold, enabled=finite))
         forecasts = []
         for index, pool in enumerate(self.pools):
             count, self.previous[index] = pool.forecast(self.previous[index], self.check_every, horizon, self.threshold)
             forecasts.append(count)
-        census = terms.census().with_extra(forecast=torch.stack(forecasts).to(torch.float64)).host()
+        extra = {"forecast": torch.stack(forecasts).to(torch.float64)}
+        if zeroed:
+            extra["zeroed"] = torch.stack(zeroed).sum(dim=0).to(torch.float64)
+        census = terms.census().with_extra(**extra).host()
         if not census.all_finite:
             self._warn_once(
                 "non-finite",
@@ -315,6 +336,9 @@ class Steering:
             )
             return
         zeros = _pool_zeros(census, self.pools)
+        if "zeroed" in census.extra:
+            self.zeroed += int(census.extra["zeroed"][0])
+            self.zeroed_by_path += int(census.extra["zeroed"][1])
         if self.schedule_start is None:
             self.schedule_start = (step, zeros)
             return
@@ -347,13 +371,16 @@ class Steering:
                 " start. Lower the learning rate, or clip gradients.",
             )
             return
-        for pool in self.pools:
-            pool.zero_smallest(pool.target, self.threshold)  # exactly the target
+        final = [pool.zero_smallest(pool.target, self.threshold) for pool in self.pools]  # exactly the target
+        if final:
+            made = torch.stack(final).sum(dim=0).tolist()
+            self.zeroed, self.zeroed_by_path = self.zeroed + made[0], self.zeroed_by_path + made[1]
         terms.freeze()
         self.phase = Phase.REFIT
+        text = self.describe_target()
         if self.has_target:
             self.reached_step = step
-        text = self.describe_target()
+            text += f"; {self.path_share:.0%} of its zeros switched off by the penalty, the rest pruned by magnitude"
         rank_zero_info(f"SpredCallback: step {step}, refit phase ({text}): the plain weights train within the zeros.")
 
     # ---------------------------------------------------------------------------------------------- messages
@@ -375,6 +402,7 @@ class Steering:
             "schedule_start_step": None if start is None else start[0],
             "schedule_start_counts": None if start is None else list(start[1]),
             "reached_step": self.reached_step,
+            "zeroed": [self.zeroed, self.zeroed_by_path],
             "previous": [None if p is None else p.detach().cpu() for p in self.previous],
             "warned": sorted(self._warned),
         }
@@ -389,6 +417,7 @@ class Steering:
         if state.get("schedule_start_step") is not None:
             self.schedule_start = (state["schedule_start_step"], list(state["schedule_start_counts"]))
         self.reached_step = state.get("reached_step")
+        self.zeroed, self.zeroed_by_path = state.get("zeroed", [0, 0])
         self.previous = list(state.get("previous", []))
         self._warned = set(state.get("warned", []))
 

@@ -130,11 +130,16 @@ class Pool:
         return torch.cat([f.norms().reshape(-1).float() for f in self.terms])
 
     @torch.no_grad()
-    def zero_smallest(self, at_least: int, threshold: float) -> None:
+    def zero_smallest(self, at_least: int, threshold: float, enabled: Optional[Tensor] = None) -> Tensor:
         """Zero the ``at_least`` smallest entries (or groups), and any others ``<= threshold``, never more than
         :attr:`target` and never into a term's floor; the zeros then stay zero (factors and moments zeroed).
 
         Both sets are prefixes of the magnitudes in ascending order, so the cut is one value: no transfer to the host.
+        ``enabled`` (a boolean tensor, for example "every weight is finite") turns it off without a transfer either.
+
+        Returns:
+            On the device: how many were zeroed now, and how many of them were already ``<= threshold`` (switched off
+            by the penalty, not chosen by their rank).
         """
         at_least = min(max(at_least, 0), self.target)
         magnitudes = self.magnitudes()
@@ -149,9 +154,13 @@ class Pool:
             cut = torch.minimum(cut, torch.kthvalue(ranked, self.target).values)
         else:
             cut = torch.full_like(cut, -math.inf)
+        if enabled is not None:
+            cut = torch.where(enabled, cut, torch.full_like(cut, -math.inf))
         dead = (ranked <= cut) & ranked.isfinite()
+        new = dead & (magnitudes != 0)
         for f, part in zip(self.terms, dead.split(self.indices)):
             f.keep_zeros(part.reshape(f.norms().shape) | (f.norms() == 0))
+        return torch.stack([new.sum(), (new & (magnitudes <= threshold)).sum()])
 
     @torch.no_grad()
     def forecast(self, previous: Optional[Tensor], every: int, horizon: int, threshold: float) -> tuple[Tensor, Tensor]:

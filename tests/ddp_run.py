@@ -77,12 +77,16 @@ def main() -> None:
     distributed = args.strategy != "single"
     # DDP can hand out its all-reduce buckets as the gradients; SpredCallback turns w.grad into grad_u in place.
     strategy = DDPStrategy(gradient_as_bucket_view=True) if args.strategy == "ddp_bucket_view" else args.strategy
+    # the head's inputs as groups: `selected_features` must come back to this process under ddp_spawn too
+    spred = SpredCallback(
+        0.1, threshold=1e-3, modules=torch.nn.Linear, groups={"net.3.weight": "input"}, record_path=4, verbose=False
+    )
     trainer = Trainer(
         accelerator="cpu",
         devices=2 if distributed else 1,
         strategy=strategy if distributed else "auto",
         max_epochs=4,
-        callbacks=[SpredCallback(0.1, threshold=1e-3, verbose=False), SaveRankResult(args.out)],
+        callbacks=[spred, SaveRankResult(args.out)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -90,6 +94,13 @@ def main() -> None:
         use_distributed_sampler=False,
     )
     trainer.fit(model, datamodule=InterleavedData())
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launching process, whatever the strategy
+        results = {
+            "report": str(spred.report()),
+            "path": [(p.step, p.nonzeros) for p in spred.path],
+            "features": spred.selected_features().sorted_indices,
+        }
+        torch.save(results, args.out / "main.pt")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from sklearn.datasets import load_diabetes
 from sklearn.linear_model import Lasso
 from torch import nn
@@ -144,3 +144,78 @@ def assert_same_lasso_solution(weights: np.ndarray, reference: np.ndarray) -> No
     """Exact zeros where the reference has zeros, nonzeros where it has nonzeros, coefficients within 1e-3."""
     np.testing.assert_array_equal(weights != 0, reference != 0)
     assert np.abs(weights - reference).max() <= 1e-3
+
+
+def digits_data(seed: int = 0, batch_size: int = 64) -> tuple[DataLoader, tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's digits (8x8, offline): shuffled training batches and a held-out quarter."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).flatten(1)
+    y = torch.tensor(digits.target)
+    train, test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=seed, stratify=y)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(TensorDataset(x[train], y[train]), batch_size=batch_size, shuffle=True, generator=generator)
+    return loader, (x[test], y[test])
+
+
+class DigitsMLP(LightningModule):
+    """A plain MLP on digits (no normalisation, no weight decay) with a cosine learning rate over ``steps``."""
+
+    def __init__(self, hidden: int = 64, optimizer: str = "sgd", steps: int = 600) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+        self.optimizer, self.steps = optimizer, steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return float((model(x).argmax(dim=1) == y).float().mean())
+
+
+class GradualMagnitudePruning(Callback):
+    """The reference for targets: global magnitude pruning on a cubic schedule over the first two thirds of the steps
+    (Zhu & Gupta 2017), every 10 steps, the pruned weights kept at zero; the last third fine-tunes."""
+
+    def __init__(self, sparsity: float, every: int = 10) -> None:
+        self.sparsity, self.every = sparsity, every
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.weights = [m.weight for m in pl_module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        self.end = int(2 / 3 * trainer.estimated_stepping_batches)
+        self.masks = [torch.ones_like(w, dtype=torch.bool) for w in self.weights]
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        for w, mask in zip(self.weights, self.masks):
+            if w.grad is not None:
+                w.grad.mul_(mask)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 and step <= self.end:
+            magnitudes = torch.cat([w.abs().flatten() for w in self.weights])
+            count = int(round(self.sparsity * (1 - (1 - step / self.end) ** 3) * magnitudes.numel()))
+            if count:
+                cut = torch.kthvalue(magnitudes, count).values
+                for w, mask in zip(self.weights, self.masks):
+                    mask &= w.abs() > cut
+        for w, mask in zip(self.weights, self.masks):
+            w.mul_(mask)

@@ -30,15 +30,31 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """torchvision's `resnet18` layout: stem conv/bn/relu/maxpool, four stages of two BasicBlocks, avgpool, fc."""
+    """torchvision's `resnet18` layout: stem conv/bn/relu/maxpool, four stages of two BasicBlocks, avgpool, fc.
 
-    def __init__(self, num_classes: int) -> None:
+    Args:
+        num_classes: outputs of ``fc``.
+        widths: the channels of the four stages (torchvision's: 64, 128, 256, 512).
+        in_channels: image channels.
+        small_inputs: a 3x3 stride-1 stem without max pooling, for 28x28 or 32x32 images (as CIFAR ResNets do).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        widths: tuple[int, int, int, int] = (64, 128, 256, 512),
+        in_channels: int = 3,
+        small_inputs: bool = False,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        inplanes = widths[0]
+        if small_inputs:
+            self.conv1 = nn.Conv2d(in_channels, inplanes, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, inplanes, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(inplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        widths, inplanes = (64, 128, 256, 512), 64
+        self.maxpool = nn.Identity() if small_inputs else nn.MaxPool2d(3, 2, 1)
         for i, planes in enumerate(widths):
             stride = 1 if i == 0 else 2
             setattr(
@@ -46,7 +62,7 @@ class ResNet18(nn.Module):
             )
             inplanes = planes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

