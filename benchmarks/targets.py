@@ -91,8 +91,9 @@ def main() -> None:
                     for every in args.check_every if method != "gmp" else [10]:
                         runs = [fit(net, optimizer, method, target, seed, every) for seed in range(args.seeds)]
                         scores, zeros = [r[0] for r in runs], [r[1] for r in runs]
-                        print(f"| {net} | {optimizer} | {target:.0%} | {method} | {every} | {statistics.mean(scores):.3f}"
-                              f" ± {statistics.pstdev(scores):.3f} | {statistics.mean(zeros):.2%} |", flush=True)  # fmt: skip
+                        score = f"{statistics.mean(scores):.3f} ± {statistics.pstdev(scores):.3f}"
+                        row = f"| {net} | {optimizer} | {target:.0%} | {method} | {every} | {score}"
+                        print(f"{row} | {statistics.mean(zeros):.2%} |", flush=True)
     print(f"\n[{time.perf_counter() - start:.0f} s]")
 
 
