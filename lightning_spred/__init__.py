@@ -10,6 +10,7 @@ from lightning_spred.path import PathPoint, RegularizationPath
 from lightning_spred.report import LayerSparsity, SparsityReport
 from lightning_spred.schedules import Constant, GeometricRamp, LambdaSchedule, LamSchedule, Warmup
 from lightning_spred.shrink import ShrinkResult, shrink
+from lightning_spred.stability import aggregate_rankings, stability_selection
 from lightning_spred.steering import Phase
 
 __version__ = "0.1.0"
@@ -33,8 +34,10 @@ __all__ = [
     "SparsityReport",
     "SpredCallback",
     "Warmup",
+    "aggregate_rankings",
     "lam_max",
     "select_parameters",
     "selected_features",
     "shrink",
+    "stability_selection",
 ]

@@ -35,6 +35,8 @@ class FeatureSelection:
             when a path was run; the later a group leaves, the more it matters.
         exit_step: for each selected group, the step at which it left the path (``inf``: still in use): among
             groups that left at the same ``lam`` (a flat ``lam``), the later step ranks first.
+        frequency: for a stability selection (:mod:`lightning_spred.stability`), how often each selected group was
+            among the top ``k`` of the subsamples' paths; it ranks first.
 
     Example:
         >>> selection = FeatureSelection(sorted_indices=(0, 2), norms=(1.0, 2.0), n_features=3)
@@ -50,13 +52,14 @@ class FeatureSelection:
     n_features: int = 0
     exit_lam: Optional[tuple[float, ...]] = None
     exit_step: Optional[tuple[float, ...]] = None
+    frequency: Optional[tuple[float, ...]] = None
 
     def __len__(self) -> int:
         return len(self.sorted_indices)
 
     def ranked_indices(self) -> list[int]:
-        """The selected indices, most important first: the last to leave the path (by ``lam``, then step), then by
-        norm.
+        """The selected indices, most important first: the most frequent (stability selection), the last to leave the
+        path (by ``lam``, then step), then by norm.
 
         Example:
             >>> selection = FeatureSelection(sorted_indices=(0, 2, 3), norms=(1.0, 2.0, 0.5), exit_lam=(0.3, 0.1, 0.3))
@@ -65,8 +68,10 @@ class FeatureSelection:
         """
         exits = torch.tensor(self.exit_lam) if self.exit_lam is not None else None
         steps = torch.tensor(self.exit_step) if self.exit_step is not None else None
-        order = rank_groups(torch.tensor(self.norms), exits, steps).tolist()
-        return [self.sorted_indices[i] for i in order]
+        order = rank_groups(torch.tensor(self.norms), exits, steps)
+        if self.frequency is not None:
+            order = order[torch.argsort(torch.tensor(self.frequency)[order], descending=True, stable=True)]
+        return [self.sorted_indices[i] for i in order.tolist()]
 
     def ranked_names(self) -> list[str]:
         """The selected groups' names (or indices as strings), most important first."""

