@@ -19,6 +19,7 @@ seeds, with the sparsity reached.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # the controller's own messages too
     start = time.perf_counter()
     print("| network | optimizer | target | method | check every | test accuracy | zeros |")
     print("|---|---|---|---|---|---|---|")

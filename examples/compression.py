@@ -459,9 +459,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None, help="override every data set's epochs")
     parser.add_argument("--out", type=Path, default=Path("outputs/compression"))
+    parser.add_argument("--from-csv", type=Path, default=None, help="print the tables of an earlier run's results.csv")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv is not None:
+        with open(args.from_csv) as handle:
+            rows = [{k: v if k in ("data", "optimizer", "kind", "method") else float(v) for k, v in row.items() if v}
+                    for row in csv.DictReader(handle)]  # fmt: skip
+        summary(rows, args)
+        return
     rows = run(args)
     with open(args.out / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))

@@ -72,6 +72,7 @@ class FactorStepper:
         self.start_scale = start_scale
         self._by_weight = {id(m.weight): (f, i) for f in terms for i, m in enumerate(f.members)}
         self._frozen: list[Factorization] = []
+        self._located: tuple[Any, dict[Factorization, dict[int, _Place]]] = ((), {})
         self._stepping: list[Factorization] = []
         self._swapped: list[tuple[list, int, Tensor]] = []
         self._appended: list[list] = []
@@ -119,14 +120,18 @@ class FactorStepper:
             f.mask_weights()  # momentum and decoupled weight decay would move the zeros
 
     def _locate(self) -> dict[Factorization, dict[int, _Place]]:
-        places: dict[Factorization, dict[int, _Place]] = {}
-        for group in self.optimizer.param_groups:
-            params = group["params"]
-            for index, param in enumerate(params):
-                entry = self._by_weight.get(id(param))
-                if entry is not None:
-                    places.setdefault(entry[0], {})[entry[1]] = (params, index)
-        return places
+        # The groups change rarely (a fine-tuning callback adds one): the places are found again only when they do.
+        key = tuple((id(g["params"]), len(g["params"])) for g in self.optimizer.param_groups)
+        if key != self._located[0]:
+            places: dict[Factorization, dict[int, _Place]] = {}
+            for group in self.optimizer.param_groups:
+                params = group["params"]
+                for index, param in enumerate(params):
+                    entry = self._by_weight.get(id(param))
+                    if entry is not None:
+                        places.setdefault(entry[0], {})[entry[1]] = (params, index)
+            self._located = (key, places)
+        return self._located[1]
 
     def _swap_in(self) -> None:
         located = [
