@@ -90,9 +90,8 @@ class Steering:
             the count is still short (for feature selection: on the Lasso it keeps the path's exact support, and
             only the input layer is penalised, so the rest of the network trains freely). ``"magnitude"`` (the
             default): ``lam`` rises only while it switches weights off, and the schedule prunes the smallest (for
-            compression: on a digits MLP with every layer penalised, a ``lam`` high enough to lead cost 2.5 points
-            against gradual magnitude pruning, gentle it tied; on a BatchNorm CNN's channels at 90% led by the path
-            it kept 0.69 accuracy, led by magnitude 0.95).
+            compression: on a digits MLP with every layer penalised, at 90% zeros, led by the path it kept 0.919 test
+            accuracy, led by magnitude 0.964, as gradual magnitude pruning's 0.963: ``benchmarks/targets.py``).
 
     Raises:
         TypeError, ValueError: an argument is invalid (checked here, before training).
