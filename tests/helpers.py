@@ -219,3 +219,14 @@ class GradualMagnitudePruning(Callback):
                     mask &= w.abs() > cut
         for w, mask in zip(self.weights, self.masks):
             w.mul_(mask)
+
+
+class Interrupt(Callback):
+    """Raises at the start of the batch of optimizer step ``step``: a crash in the middle of a fit."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("interrupted")

@@ -5,22 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MLP, classification_data, quiet_trainer
-from lightning.pytorch import Callback
+from helpers import MLP, Interrupt, classification_data, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_spred import GeometricRamp, SpredCallback
 
 LAM = 0.02
-
-
-class Interrupt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("interrupted")
 
 
 def spred():

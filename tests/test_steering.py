@@ -10,6 +10,7 @@ import torch
 from helpers import (
     MLP,
     DigitsMLP,
+    Interrupt,
     Regression,
     assert_same_lasso_solution,
     classification_data,
@@ -64,15 +65,6 @@ def test_changing_lam_during_fit_takes_effect_at_the_next_step():
     for name, value in weights(changed).items():
         torch.testing.assert_close(value, weights(scheduled)[name], atol=0, rtol=0, msg=name)
     assert spred.factorizations[0].lam == 0.2
-
-
-class Interrupt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("interrupted")
 
 
 @pytest.mark.parametrize("steering", ["ramp", "target"])

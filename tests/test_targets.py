@@ -11,6 +11,7 @@ from helpers import (
     MLP,
     DigitsMLP,
     GradualMagnitudePruning,
+    Interrupt,
     accuracy,
     classification_data,
     digits_data,
@@ -144,15 +145,6 @@ def test_channel_targets_remove_channels_in_every_layer_and_keep_the_model():
     in_use = [int((f.norms() > 0).sum()) for f in spred.factorizations]
     assert in_use == [4, 4]  # 75% removed, in the same proportion in each layer
     assert accuracy(model, x, y) > 0.6  # chance is 0.1
-
-
-class Interrupt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("interrupted")
 
 
 @pytest.mark.parametrize(
