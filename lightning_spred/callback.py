@@ -44,9 +44,6 @@ from lightning_spred.terms import PenaltyTerms
 
 __all__ = ["SpredCallback"]
 
-#: A fixed ``lam`` below this fraction of ``lam_max`` is warned about (two orders of magnitude).
-FAR_BELOW = 1e-2
-
 
 class SpredCallback(Callback):
     r"""Train any LightningModule with an exact L1 penalty ``lam * sum|w|`` on the chosen weights.
@@ -205,7 +202,6 @@ class SpredCallback(Callback):
         self._trace: Optional[ForwardTrace] = None
         self._forecast: Optional[FixedLamForecast] = None
         self._dead: set[str] = set()
-        self._judge_lam = False
 
     def __getstate__(self) -> dict[str, Any]:
         # the optimizer hooks and the forward trace belong to the running fit, not to a copy of the callback
@@ -356,50 +352,24 @@ class SpredCallback(Callback):
         self._terms, self._model = PenaltyTerms(), pl_module
         self._results.clear()
         terms = self._build(trainer, pl_module)
-        total = training_budget(trainer, self.total_steps, self.steering.needs_budget)
-        if self.steering.needs_lam_max and self.lam_max is None and not pl_module.automatic_optimization:
-            raise ValueError(
-                "SpredCallback computes `lam_max` from a training step, which manual optimization cannot run without"
-                " stepping: give `lam_max=`, or an absolute `lam` (with a target: where it starts)."
-            )
-        if self.lam_max is not None:
-            self.steering.lam_max = self.lam_max
-        self.steering.begin(total, terms, resumed=self._resumed)
+        total = self._plan(trainer, pl_module, terms)
         self._terms = terms  # from here on the fit is penalised: every check above raised before it
-        if not self._resumed:
-            self._recorder.reset()
-            self._saved.load({})
-        self._resumed = False
-        # led by magnitude, a target starts from the model's own dynamics (u = w, v = 1: on a digits MLP at 90% zeros
-        # it kept 1.2 points more than the start near balance, whose effective learning rate is 2|w| times smaller)
-        scale = 1.0 if self.steering.has_target and self.steering.prune_by == "magnitude" else None
-        self._steppers = [
-            FactorStepper(opt, self._terms, self.steering, self._saved, trainer, scale) for opt in trainer.optimizers
-        ]
-        self._trace, self._dead = ForwardTrace(pl_module), set()
-        fixed = isinstance(self.lam, float) and not self.steering.has_target
-        # schedules and targets move lam themselves; a fixed lam is judged after a tenth of the steps
-        self._forecast = FixedLamForecast(total, threshold=self.threshold) if fixed and total else None
-        # a fixed lam far below lam_max makes no zeros: lam_max is computed at the first batch to say so
-        self._judge_lam = fixed and bool(self.lam) and pl_module.automatic_optimization
-        if self._judge_lam and self.lam_max is not None:
-            self._judge_fixed_lam()
+        self._attach(trainer, pl_module, total)
         self._logging.begin(trainer)
         SpredLogging.hyperparameters(trainer, self._hyperparameters())
         if self.verbose:
             count = sum(w.numel() for f in self._terms for w in f.weights)
-            rank_zero_info(
-                f"SpredCallback: penalty on {len(self._terms)} parameters ({count:,} weights):"
-                f" {', '.join(f.name for f in self._terms)}"
-            )
+            names = ", ".join(f.name for f in self._terms)
+            rank_zero_info(f"SpredCallback: penalty on {len(self._terms)} parameters ({count:,} weights): {names}")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.steering.needs_lam_max or (self._judge_lam and self.steering.lam_max is None):
-            self.steering.lam_max = lam_max_of_batch(
-                trainer, pl_module, batch, batch_idx, self._terms.scheduled, self._absorbed
-            )
-            if self._judge_lam:
-                self._judge_fixed_lam()
+        wanted = self._forecast is not None and self._forecast.wants_lam_max and pl_module.automatic_optimization
+        if self.steering.needs_lam_max or wanted:
+            terms = self._terms.scheduled
+            self.steering.lam_max = lam_max_of_batch(trainer, pl_module, batch, batch_idx, terms, self._absorbed)
+        if wanted:
+            for message in self._forecast.judge_lam_max(self.steering.lam_max):  # type: ignore[union-attr,arg-type]
+                rank_zero_warn(message, category=UserWarning)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -491,6 +461,38 @@ class SpredCallback(Callback):
         check_optimizers(trainer, trainer.optimizers, terms)
         return terms
 
+    def _plan(self, trainer: Trainer, pl_module: LightningModule, terms: PenaltyTerms) -> Optional[int]:
+        """The fit's budget and the controller's fresh (or resumed) state; raises before training if it cannot."""
+        total = training_budget(trainer, self.total_steps, self.steering.needs_budget)
+        if self.steering.needs_lam_max and self.lam_max is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                "SpredCallback computes `lam_max` from a training step, which manual optimization cannot run without"
+                " stepping: give `lam_max=`, or an absolute `lam` (with a target: where it starts)."
+            )
+        if self.lam_max is not None:
+            self.steering.lam_max = self.lam_max
+        self.steering.begin(total, terms, resumed=self._resumed)
+        if not self._resumed:
+            self._recorder.reset()
+            self._saved.load({})
+        self._resumed = False
+        return total
+
+    def _attach(self, trainer: Trainer, pl_module: LightningModule, total: Optional[int]) -> None:
+        """The optimizer hooks, the forward trace and, for a fixed ``lam``, its forecast."""
+        # led by magnitude, a target starts from the model's own dynamics (u = w, v = 1: near balance the effective
+        # learning rate of w is 2|w| times the optimizer's, which slows a network down for the whole schedule)
+        scale = 1.0 if self.steering.has_target and self.steering.prune_by == "magnitude" else None
+        self._steppers = [
+            FactorStepper(opt, self._terms, self.steering, self._saved, trainer, scale) for opt in trainer.optimizers
+        ]
+        self._trace, self._dead = ForwardTrace(pl_module), set()
+        fixed = isinstance(self.lam, float) and not self.steering.has_target  # schedules and targets move lam
+        self._forecast = FixedLamForecast(self.lam, total, threshold=self.threshold) if fixed else None  # type: ignore[arg-type]
+        if self._forecast is not None and self.lam_max is not None:
+            for message in self._forecast.judge_lam_max(self.lam_max):
+                rank_zero_warn(message, category=UserWarning)
+
     def _check_other_callbacks(self, trainer: Trainer, chosen: list[PenalisedParameter]) -> None:
         mine = {id(p.parameter): p.name for p in chosen}
         for other in trainer.callbacks:  # type: ignore[attr-defined]
@@ -531,17 +533,6 @@ class SpredCallback(Callback):
             at_limit=self.steering.at_limit,
         )
         SpredLogging.path_point(trainer, point)
-
-    def _judge_fixed_lam(self) -> None:
-        self._judge_lam = False
-        lam, lam_max = float(self.lam), self.steering.lam_max  # type: ignore[arg-type]
-        if lam_max and lam < FAR_BELOW * lam_max:
-            rank_zero_warn(
-                f"`lam={lam:g}` is {lam_max / lam:,.0f} times below `lam_max={lam_max:.4g}` (where every penalised"
-                " weight would be zero): a weight ends at zero only where its loss gradient stays below `lam`, which"
-                " so small a `lam` leaves to almost none. Raise it, or give a target (`target_sparsity=`).",
-                category=UserWarning,
-            )
 
     def _diagnose(self, trainer: Trainer) -> None:
         if self._trace is not None and self._trace.done:

@@ -34,6 +34,8 @@ __all__ = ["FixedLamForecast", "ForwardTrace", "absorbed_terms", "degenerate_pen
 
 #: A fixed ``lam`` forecast to zero fewer than this fraction of the weights by the end is warned about.
 NO_ZEROS = 0.01
+#: A fixed ``lam`` below this fraction of ``lam_max`` is warned about (two orders of magnitude).
+FAR_BELOW = 1e-2
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 # f(a * x) = a * f(x) for a > 0: a layer's scale passes through these to the next layer
 _HOMOGENEOUS = (
@@ -200,9 +202,11 @@ def _following_norms(trace: ForwardTrace, module: nn.Module, own: set[int]) -> l
 
 
 class FixedLamForecast:
-    """Judges, after a tenth of the steps, whether a fixed ``lam`` will do anything in this run.
+    """Judges whether a fixed ``lam`` will do anything in this run: against ``lam_max`` at the first batch, and by
+    extrapolating from the start to a tenth of the steps.
 
-    Two forecasts, from the start and the tenth of the steps:
+    - **far below** ``lam_max``: a weight ends at zero only where its loss gradient stays below ``lam``; below a
+      hundredth of ``lam_max`` that leaves almost none (on the digits MLP, ``lam = 1e-4`` made no zeros);
 
     - **the L2 phase**: ``1 - balance`` shrinks about exponentially in the number of steps (under gradient flow with
       SGD, ``u^2 - v^2`` decays at the rate ``2 * lam * lr / (1 - momentum)`` per step, whatever the loss); if the
@@ -212,17 +216,32 @@ class FixedLamForecast:
       balanced and the penalty still far too small to win against the loss).
 
     Args:
-        total_steps: the steps the fit will take.
+        lam: the fixed ``lam``.
+        total_steps: the steps the fit will take (``None``: unknown, no extrapolation).
         fraction: when to judge, as a fraction of ``total_steps``.
         threshold: what counts as zero.
     """
 
-    def __init__(self, total_steps: int, fraction: float = 0.1, threshold: float = 1e-6) -> None:
-        self.total_steps = total_steps
-        self.check_step = max(1, int(fraction * total_steps))
+    def __init__(self, lam: float, total_steps: Optional[int], fraction: float = 0.1, threshold: float = 1e-6) -> None:
+        self.lam = lam
+        self.total_steps = total_steps or 0
+        self.check_step = max(1, int(fraction * self.total_steps))
         self.threshold = threshold
         self.first: Optional[tuple[int, float, Tensor]] = None
-        self.done = total_steps < 50  # too short to judge
+        self.done = self.total_steps < 50  # too short to judge
+        #: whether ``lam_max`` is still to be judged (at the first batch)
+        self.wants_lam_max = lam > 0
+
+    def judge_lam_max(self, lam_max: float) -> list[str]:
+        """The warning for a ``lam`` far below ``lam_max``, once."""
+        self.wants_lam_max = False
+        if not lam_max or self.lam >= FAR_BELOW * lam_max:
+            return []
+        return [
+            f"`lam={self.lam:g}` is {lam_max / self.lam:,.0f} times below `lam_max={lam_max:.4g}` (where every"
+            " penalised weight would be zero): a weight ends at zero only where its loss gradient stays below `lam`,"
+            " which so small a `lam` leaves to almost none. Raise it, or give a target (`target_sparsity=`)."
+        ]
 
     def observe(self, step: int, terms: PenaltyTerms) -> list[str]:
         """Record the terms after ``step``; return the warnings due, once, at the judging step."""
@@ -242,7 +261,7 @@ class FixedLamForecast:
         forecast = census.zeros + int(census.extra["exits"][0])
         if forecast < NO_ZEROS * census.entries:
             messages.append(
-                f"SpredCallback: `lam={terms.lam:g}` will make almost no zeros in this run: {census.zeros} after {step}"
+                f"SpredCallback: `lam={self.lam:g}` will make almost no zeros in this run: {census.zeros} after {step}"
                 f" of {self.total_steps} steps, and at their rates of decay {forecast:,} of {census.entries:,} weights"
                 f" (under {NO_ZEROS:.0%}) reach the threshold ({self.threshold:g}) by the end. Raise `lam` (tens of"
                 " times), train longer, or steer with a target (`target_sparsity=`), which finds `lam` itself."
