@@ -143,6 +143,7 @@ class Steering:
         self.previous: list[Optional[Tensor]] = []  # each pool's magnitudes at the last check
         self.zeroed = 0  # the zeros a check made
         self.zeroed_by_path = 0  # those that were below the threshold already: the penalty had switched them off
+        self._observed = 0  # the last step observed (0: before the first optimizer step)
         self._warned: set[str] = set()
 
     # ---------------------------------------------------------------------------------------------- properties
@@ -289,7 +290,13 @@ class Steering:
         return value
 
     def observe(self, step: int, terms: PenaltyTerms) -> None:
-        """After an optimizer step: move to the refit when it is due; with a target, check and prune."""
+        """After an optimizer step: move to the refit when it is due; with a target, check and prune.
+
+        Called after every batch: with gradient accumulation several batches end at the same step, which counts once.
+        """
+        if step == self._observed:
+            return
+        self._observed = step
         refit_step = self.refit_step
         if self.phase is Phase.PENALISE and refit_step is not None and step >= refit_step:
             self._enter_refit(step, terms)
@@ -403,6 +410,7 @@ class Steering:
             "reached_step": self.reached_step,
             "zeroed": [self.zeroed, self.zeroed_by_path],
             "previous": [None if p is None else p.detach().cpu() for p in self.previous],
+            "observed": self._observed,
             "warned": sorted(self._warned),
         }
 
@@ -418,6 +426,7 @@ class Steering:
         self.reached_step = state.get("reached_step")
         self.zeroed, self.zeroed_by_path = state.get("zeroed", [0, 0])
         self.previous = list(state.get("previous", []))
+        self._observed = state.get("observed", 0)
         self._warned = set(state.get("warned", []))
 
 

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_spred import GeometricRamp, Phase, SpredCallback, lam_max
+from lightning_spred.steering import Steering
 from lightning_spred.path import PathPoint, RegularizationPath
 
 EPOCHS = 30  # 22 steps an epoch on digits
@@ -230,3 +231,27 @@ def test_non_finite_weights_never_count_as_reaching_the_target():
     with pytest.warns(UserWarning, match=r"non-finite weights at step 1[02] \(in `net.0.weight`\): the target's"):
         quiet_trainer(max_epochs=15, callbacks=[spred]).fit(model, classification_data())
     assert spred.steering.phase is Phase.PENALISE and spred.steering.reached_step is None
+
+
+def test_a_target_under_gradient_accumulation_checks_once_per_optimizer_step(monkeypatch):
+    # several batches end at one optimizer step: the controller must count the step once, as without accumulation
+    checks = []
+    original = Steering._check
+    monkeypatch.setattr(
+        Steering, "_check", lambda self, step, terms: (checks.append(step), original(self, step, terms))
+    )
+
+    def fit(batch_size, accumulate):
+        checks.clear()
+        spred = SpredCallback(target_sparsity=0.6, check_every=2, lam_max=1.0, verbose=False)
+        trainer = quiet_trainer(max_epochs=12, accumulate_grad_batches=accumulate, callbacks=[spred])
+        trainer.fit(
+            MLP(optimizer=lambda p: torch.optim.SGD(p, lr=0.1)), classification_data(n=128, batch_size=batch_size)
+        )
+        return list(checks), spred
+
+    large, _ = fit(32, 1)
+    accumulated, spred = fit(8, 4)
+    assert accumulated == large == list(range(2, 32, 2))  # 48 steps: checks until the refit starts at step 32
+    zeros = sum(int((w == 0).sum()) for f in spred.factorizations for w in f.weights)
+    assert zeros == round(0.6 * sum(w.numel() for f in spred.factorizations for w in f.weights))
