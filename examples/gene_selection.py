@@ -252,6 +252,8 @@ def methods(args: argparse.Namespace) -> dict[str, Optional[Ranker]]:
             chosen["LassoNet"] = rank_lassonet
     except ImportError:
         pass
+    if args.only:
+        chosen = {m: r for m, r in chosen.items() if m in args.only}
     chosen["spred single fit"] = None  # timed only
     return chosen
 
@@ -358,6 +360,7 @@ def main() -> None:
     parser.add_argument("--stability", type=int, default=0, help="paths on subsamples for spred stability (0: off)")
     parser.add_argument("--panel", type=int, default=10, help="features in the panel chosen on all samples")
     parser.add_argument("--no-lassonet", action="store_true", help="skip LassoNet even when it is installed")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these methods (the single fit is timed always)")
     parser.add_argument("--logger", choices=["csv", "wandb", "none"], default="csv")
     parser.add_argument("--out", type=Path, default=Path("outputs/gene_selection"))
     parser.add_argument("--seed", type=int, default=0)
