@@ -255,3 +255,20 @@ def test_a_target_under_gradient_accumulation_checks_once_per_optimizer_step(mon
     assert accumulated == large == list(range(2, 32, 2))  # 48 steps: checks until the refit starts at step 32
     zeros = sum(int((w == 0).sum()) for f in spred.factorizations for w in f.weights)
     assert zeros == round(0.6 * sum(w.numel() for f in spred.factorizations for w in f.weights))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0),
+    ],
+    ids=["sgd", "sgd_momentum", "adam", "adamw"],
+)
+def test_every_common_optimizer_reaches_the_count_in_the_budget(optimizer):
+    spred = SpredCallback(target_sparsity=0.8, check_every=2, verbose=False)
+    quiet_trainer(max_epochs=15, callbacks=[spred]).fit(MLP(optimizer=optimizer), classification_data())
+    zeros, total = zeros_of([w for f in spred.factorizations for w in f.weights])
+    assert zeros == round(0.8 * total) and spred.steering.reached_step == 40
