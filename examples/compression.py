@@ -27,7 +27,9 @@ timed beside the dense network in the same process) relative to the dense networ
     python examples/compression.py                                   # both data sets, SGD and Adam, 3 seeds
     python examples/compression.py --data digits --seeds 1 --optimizers sgd --kinds channels   # a quick look
 
-Writes ``<out>/results.csv`` and ``<out>/compression.png`` (default ``outputs/compression``).
+Writes ``<out>/results.csv`` (a row as soon as it is measured) and ``<out>/compression.png`` (default
+``outputs/compression``). Seeds can be split over runs (``--first-seed 1 --seeds 2 --out b``) and their tables joined
+with ``--from-csv a/results.csv b/results.csv``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ LR = {"sgd": 0.05, "adam": 3e-3}
 SPARSITIES = (0.9, 0.95, 0.98)
 CHANNEL_FRACTIONS = (0.5, 0.75, 0.9)
 BASELINE_LAM = 1e-4
+FIELDS = ["data", "seed", "optimizer", "kind", "method", "target", "reached", "accuracy", "macs", "latency", "seconds"]
 PRUNE_AT = 2 / 3  # every method prunes (or reaches its target) after two thirds of the epochs, then fine-tunes
 
 
@@ -341,14 +344,15 @@ def latency_ratio(net: nn.Module, dense: nn.Module, x: torch.Tensor, repeats: in
     return statistics.median(ratios)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, record: Callable[[dict], None]) -> list[dict]:
+    """Train every (data, seed, optimizer, method, target); each row goes to ``record`` as soon as it is measured."""
     rows = []
     start = time.perf_counter()
     for name in args.data:
         task = load(name)
         if args.epochs:
             task.epochs = args.epochs
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             data, (x_test, y_test), example = task.split(seed)
             for optimizer in args.optimizers:
                 seed_everything(seed, verbose=False)
@@ -357,6 +361,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 base = {"data": name, "seed": seed, "optimizer": optimizer}
                 rows.append({**base, "kind": "dense", "method": "dense", "target": 0.0, "reached": 0.0,
                              "accuracy": accuracy(dense, x_test, y_test), "macs": 1.0, "latency": 1.0})  # fmt: skip
+                record(rows[-1])
                 jobs = []
                 if "unstructured" in args.kinds:
                     jobs += [("unstructured", m, s) for s in args.sparsities for m in args.methods or UNSTRUCTURED
@@ -379,6 +384,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         row.update(reached=1 - channels(net, task) / channels(task.make(), task), macs=macs / dense_macs,
                                    latency=latency_ratio(net, dense, x_test[:256]))  # fmt: skip
                     rows.append(row)
+                    record(row)
                     print(f"{name} seed {seed} {optimizer:4} {kind:12} {target:.0%} {method:36} reached {row['reached']:.1%}"
                           f"  acc {row['accuracy']:.3f}  [{time.perf_counter() - start:.0f}s]", flush=True)  # fmt: skip
     return rows
@@ -457,23 +463,32 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--optimizers", nargs="+", choices=list(LR), default=list(LR))
     parser.add_argument("--methods", nargs="+", choices=[*UNSTRUCTURED, *CHANNELS], default=None)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="split the seeds over runs; --from-csv joins them")
     parser.add_argument("--epochs", type=int, default=None, help="override every data set's epochs")
     parser.add_argument("--out", type=Path, default=Path("outputs/compression"))
-    parser.add_argument("--from-csv", type=Path, default=None, help="print the tables of an earlier run's results.csv")
+    parser.add_argument("--from-csv", type=Path, nargs="+", default=None,
+                        help="print the tables of earlier runs' results.csv files")  # fmt: skip
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_csv is not None:
-        with open(args.from_csv) as handle:
-            rows = [{k: v if k in ("data", "optimizer", "kind", "method") else float(v) for k, v in row.items() if v}
-                    for row in csv.DictReader(handle)]  # fmt: skip
+        rows = []
+        for path in args.from_csv:
+            with open(path) as handle:
+                rows += [{k: v if k in ("data", "optimizer", "kind", "method") else float(v) for k, v in row.items() if v}
+                         for row in csv.DictReader(handle)]  # fmt: skip
         summary(rows, args)
         return
-    rows = run(args)
+    # a row per line as soon as it is measured, so a run stopped after hours keeps what it measured
     with open(args.out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+
+        def record(row: dict) -> None:
+            writer.writerow(row)
+            handle.flush()
+
+        rows = run(args, record)
     summary(rows, args)
     plot(rows, args)
     print(f"\nwrote {args.out / 'compression.png'} and {args.out / 'results.csv'}")

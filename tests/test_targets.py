@@ -22,8 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_spred import GeometricRamp, Phase, SpredCallback, lam_max
-from lightning_spred.steering import Steering
 from lightning_spred.path import PathPoint, RegularizationPath
+from lightning_spred.steering import Steering
 
 EPOCHS = 30  # 22 steps an epoch on digits
 
