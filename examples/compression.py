@@ -29,7 +29,8 @@ timed beside the dense network in the same process) relative to the dense networ
 
 Writes ``<out>/results.csv`` (a row as soon as it is measured) and ``<out>/compression.png`` (default
 ``outputs/compression``). Seeds can be split over runs (``--first-seed 1 --seeds 2 --out b``) and their tables joined
-with ``--from-csv a/results.csv b/results.csv``.
+with ``--from-csv a/results.csv b/results.csv`` (where two files hold the same cell and seed, the later one's row
+counts: ``--methods`` re-runs one method after a change).
 """
 
 from __future__ import annotations
@@ -472,11 +473,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_csv is not None:
-        rows = []
+        # a later file's row replaces an earlier one's for the same cell and seed: re-run one method after a change
+        cells: dict[tuple, dict] = {}
         for path in args.from_csv:
             with open(path) as handle:
-                rows += [{k: v if k in ("data", "optimizer", "kind", "method") else float(v) for k, v in row.items() if v}
-                         for row in csv.DictReader(handle)]  # fmt: skip
+                for row in csv.DictReader(handle):
+                    row = {
+                        k: v if k in ("data", "optimizer", "kind", "method") else float(v) for k, v in row.items() if v
+                    }
+                    cells[tuple(row[k] for k in ("data", "seed", "optimizer", "kind", "method", "target"))] = row
+        rows = list(cells.values())
         summary(rows, args)
         return
     # a row per line as soon as it is measured, so a run stopped after hours keeps what it measured

@@ -296,8 +296,10 @@ def evaluate(task: Task, args: argparse.Namespace, start: float) -> list[dict]:
                      **{f"k{k}_mean": m for k, (m, _) in zip(ks, cells)},
                      **{f"k{k}_std": s for k, (_, s) in zip(ks, cells)}})  # fmt: skip
     ranked = [m for m in rankers if rankers[m]]
-    best = {k: max((np.mean(scores[m][k]), m) for m in ranked if not m.startswith("spred")) for k in ks}
-    print("best baseline:  " + "  ".join(f"k={k}: {m} {a:.3f}" for k, (a, m) in best.items()))
+    baselines = [m for m in ranked if not m.startswith("spred")]
+    if baselines:  # (none with --only and spred methods alone)
+        best = {k: max((np.mean(scores[m][k]), m) for m in baselines) for k in ks}
+        print("best baseline:  " + "  ".join(f"k={k}: {m} {a:.3f}" for k, (a, m) in best.items()))
     path_time = statistics.median(seconds["spred network"])
     others = "".join(f", {m} / spred path {statistics.median(seconds[m]) / path_time:.2f}x" for m in ranked
                      if m != "spred network")  # fmt: skip
@@ -360,7 +362,9 @@ def main() -> None:
     parser.add_argument("--stability", type=int, default=0, help="paths on subsamples for spred stability (0: off)")
     parser.add_argument("--panel", type=int, default=10, help="features in the panel chosen on all samples")
     parser.add_argument("--no-lassonet", action="store_true", help="skip LassoNet even when it is installed")
-    parser.add_argument("--only", nargs="+", default=None, help="run only these methods (the single fit is timed always)")
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="run only these methods (the single fit is timed always)"
+    )
     parser.add_argument("--logger", choices=["csv", "wandb", "none"], default="csv")
     parser.add_argument("--out", type=Path, default=Path("outputs/gene_selection"))
     parser.add_argument("--seed", type=int, default=0)

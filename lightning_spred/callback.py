@@ -38,8 +38,9 @@ from lightning_spred.path import PathPoint, PathRecorder, RegularizationPath
 from lightning_spred.report import SparsityReport, sparsity_report
 from lightning_spred.results import FitResults
 from lightning_spred.resume import SavedTerms
+from lightning_spred.scales import AbsorbedScale, find_absorbed, restore_norms
 from lightning_spred.schedules import LamSchedule
-from lightning_spred.steering import Steering
+from lightning_spred.steering import Phase, Steering
 from lightning_spred.terms import PenaltyTerms
 
 __all__ = ["SpredCallback"]
@@ -101,6 +102,11 @@ class SpredCallback(Callback):
             default of ``target_groups`` on ``"input"`` groups: feature selection) or ``"magnitude"`` (``lam`` stays
             gentle and the schedule prunes the smallest weights; the default otherwise: compression). See
             :class:`~lightning_spred.steering.Steering`.
+        restore_scales: when a refit begins, multiply each penalised layer whose output goes straight into a
+            normalisation (a conv before a BatchNorm) back to its norm when penalising began, with the
+            normalisation's running statistics: the penalty shrinks such layers at no cost to the loss, and a refit
+            at the shrunk scale takes steps far larger than the optimizer was set for (see
+            :mod:`lightning_spred.scales`). The function is unchanged, up to the normalisation's ``eps``.
         record_path: record path points: ``True`` at every validation end (every epoch end without validation),
             an integer ``n`` every ``n`` optimizer steps. See :attr:`path` and :meth:`restore`.
         path_dir: save the path's snapshots there instead of keeping them in memory (needs ``record_path``).
@@ -138,6 +144,7 @@ class SpredCallback(Callback):
         check_every: int = 10,
         layer_floor: float = 0.1,
         prune_by: Optional[str] = None,
+        restore_scales: bool = True,
         record_path: Union[bool, int] = False,
         path_dir: Optional[str] = None,
         verbose: bool = True,
@@ -188,6 +195,9 @@ class SpredCallback(Callback):
         if path_dir is not None and not record_path:
             raise ValueError("`path_dir` is where the path's snapshots go: give `record_path=True` (or a step count).")
         self.record_path = record_path
+        if not isinstance(restore_scales, bool):
+            raise TypeError(f"`restore_scales` must be True or False, got {restore_scales!r}.")
+        self.restore_scales = restore_scales
         self.verbose = verbose
         self.print_report = print_report
         self._state_key: Optional[str] = None
@@ -202,6 +212,7 @@ class SpredCallback(Callback):
         self._trace: Optional[ForwardTrace] = None
         self._forecast: Optional[FixedLamForecast] = None
         self._dead: set[str] = set()
+        self._scales: list[AbsorbedScale] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # the optimizer hooks and the forward trace belong to the running fit, not to a copy of the callback
@@ -380,7 +391,10 @@ class SpredCallback(Callback):
         self._diagnose(trainer)
         if self.steering.relative or self.steering.has_target or not isinstance(self.lam, float) or self.record_path:
             self._recorder.track(self._terms.scheduled, step)  # exits are informative only when lam moves
+        refitting = self.steering.phase is Phase.REFIT
         self.steering.observe(step, self._terms)
+        if self.steering.phase is Phase.REFIT and not refitting and self._scales:
+            self._restore_scales(step)
         if self.record_path is not True and self.record_path and step % self.record_path == 0:
             self._record(trainer, pl_module)
         self._logging.after_step(trainer, pl_module, self._metrics)
@@ -486,7 +500,7 @@ class SpredCallback(Callback):
         self._steppers = [
             FactorStepper(opt, self._terms, self.steering, self._saved, trainer, scale) for opt in trainer.optimizers
         ]
-        self._trace, self._dead = ForwardTrace(pl_module), set()
+        self._trace, self._dead, self._scales = ForwardTrace(pl_module), set(), []
         fixed = isinstance(self.lam, float) and not self.steering.has_target  # schedules and targets move lam
         self._forecast = FixedLamForecast(self.lam, total, threshold=self.threshold) if fixed else None  # type: ignore[arg-type]
         if self._forecast is not None and self.lam_max is not None:
@@ -538,6 +552,8 @@ class SpredCallback(Callback):
         if self._trace is not None and self._trace.done:
             for message in degenerate_penalties(self._trace, self._terms, trainer.optimizers):
                 rank_zero_warn(message, category=UserWarning)
+            if self.restore_scales and self.steering.refit_step is not None:
+                self._scales = find_absorbed(self._trace, self._terms)
             self._trace.stop()
             self._trace = None
         forecast = self._forecast
@@ -545,6 +561,15 @@ class SpredCallback(Callback):
             if forecast.first is None or trainer.global_step >= forecast.check_step:
                 for message in forecast.observe(trainer.global_step, self._terms):
                     rank_zero_warn(message, category=UserWarning)
+
+    def _restore_scales(self, step: int) -> None:
+        factors = [f for f in restore_norms(self._scales).tolist() if f > 1]  # once per fit: the refit has just begun
+        if factors:
+            rank_zero_info(
+                f"SpredCallback: step {step}, {len(factors)} layers that a normalisation follows multiplied back to"
+                f" their norm when penalising began (by {min(factors):.3g}-{max(factors):.3g}): the same function, and"
+                " the refit's steps the size the optimizer was set for (`restore_scales=False` leaves them shrunk)."
+            )
 
     def _finish(self) -> None:
         """End of fit (also on exception): hooks removed, weights thresholded, results kept for the user."""
@@ -570,6 +595,7 @@ class SpredCallback(Callback):
             "spred/target_sparsity": self.steering.target_sparsity,
             "spred/target_groups": self.steering.target_groups,
             "spred/refit_fraction": self.steering.effective_refit_fraction,
+            "spred/restore_scales": self.restore_scales,
             "spred/penalised": [f.name for f in self._terms],
         }
 

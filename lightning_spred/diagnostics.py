@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_spred.factorization import Factorization
 from lightning_spred.terms import PenaltyTerms, Pool
 
-__all__ = ["FixedLamForecast", "ForwardTrace", "absorbed_terms", "degenerate_penalties"]
+__all__ = ["FixedLamForecast", "ForwardTrace", "absorbed_terms", "degenerate_penalties", "following_norms"]
 
 #: A fixed ``lam`` forecast to zero fewer than this fraction of the weights by the end is warned about.
 NO_ZEROS = 0.01
@@ -127,7 +127,7 @@ def degenerate_penalties(
                 continue
             if member.attr != "weight" or isinstance(member.module, _NORMS):
                 continue
-            norms = _following_norms(trace, member.module, own)
+            norms = following_norms(trace, member.module, own)
             if norms and f.grouped:
                 messages.append(
                     f"`{member.name}` feeds a {type(norms[0]).__name__}, which undoes its scale: its groups shrink"
@@ -185,7 +185,7 @@ def absorbed_terms(trace: ForwardTrace, terms: Sequence[Factorization]) -> set[s
         own = {id(w) for w in f.weights}
         for member in f.members:
             if member.attr == "weight" and not isinstance(member.module, _NORMS):
-                if _following_norms(trace, member.module, own):
+                if following_norms(trace, member.module, own):
                     absorbed.add(f.name)
             elif (
                 isinstance(member.module, _NORMS)
@@ -196,7 +196,7 @@ def absorbed_terms(trace: ForwardTrace, terms: Sequence[Factorization]) -> set[s
     return absorbed
 
 
-def _following_norms(trace: ForwardTrace, module: nn.Module, own: set[int]) -> list[nn.Module]:
+def following_norms(trace: ForwardTrace, module: nn.Module, own: set[int]) -> list[nn.Module]:
     """The normalisations that take ``module``'s output directly (not those of its own channel group)."""
     return [m for m in trace.consumers(module) if isinstance(m, _NORMS) and id(getattr(m, "weight", None)) not in own]
 

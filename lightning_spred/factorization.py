@@ -90,6 +90,8 @@ class Factorization:
         self.optimizer_state: Optional[list[dict[str, Any]]] = None
         #: Kept groups (or entries) once frozen; the optimizer then trains the plain weights within this mask.
         self.kept: Optional[Tensor] = None
+        #: Each member's Euclidean norm when the term started (on the weights' device).
+        self.start_norms: Optional[Tensor] = None
         self._buffers: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._norms: Optional[tuple[tuple[int, ...], Tensor]] = None
         self._product: Optional[Tensor] = None
@@ -161,6 +163,7 @@ class Factorization:
         can never change sign, which converges to wrong minima.
         """
         first = self.weights[0]
+        self.start_norms = torch.stack([w.detach().norm() for w in self.weights])
         if factors is not None:
             us, v = factors
             self.u = [u.detach().to(w.device, w.dtype).clone() for u, w in zip(us, self.weights)]
@@ -299,6 +302,7 @@ class Factorization:
             "u": [u.detach().clone() for u in self.u],
             "v": self.v.detach().clone(),
             "optimizer": _clone(self.optimizer_state),
+            "start_norms": _clone(self.start_norms),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -308,6 +312,8 @@ class Factorization:
             return
         self.start((state["u"], state["v"]))
         self.optimizer_state = state.get("optimizer")
+        if state.get("start_norms") is not None:  # (checkpoints of earlier versions: the norms at the resume)
+            self.start_norms = state["start_norms"].to(self.weights[0].device)
 
 
 def _clone(value: Any) -> Any:

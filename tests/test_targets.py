@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import (
     MLP,
+    DigitsConvBN,
     DigitsMLP,
     GradualMagnitudePruning,
     Interrupt,
@@ -122,24 +123,11 @@ def test_no_layer_dies_unless_allowed():
     assert int((head_after(0.0) != 0).sum()) == 0  # allowed to die, it does: the floor is what kept it
 
 
-class ConvBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-        )  # fmt: skip
-
-    def forward(self, x):
-        return self.body(x.view(-1, 1, 8, 8))
-
-
 def test_channel_targets_remove_channels_in_every_layer_and_keep_the_model():
     seed_everything(0)
     data, (x, y) = digits_data(0)
     model = DigitsMLP(steps=15 * len(data))
-    model.net = ConvBN()
+    model.net = DigitsConvBN()
     spred = SpredCallback(groups={"net.body.0.weight": "channel", "net.body.3.weight": "channel"}, target_groups=8)
     quiet_trainer(max_epochs=15, callbacks=[spred]).fit(model, data)
     # the next BatchNorm undoes a layer's common scale: a target once killed whole layers (chance accuracy)
@@ -185,13 +173,13 @@ def test_lam_max_under_batchnorm_is_taken_at_the_current_weights():
     seed_everything(0)
     data, _ = digits_data(0)
     model = DigitsMLP(steps=60)
-    model.net = ConvBN()
+    model.net = DigitsConvBN()
     spred = SpredCallback(target_sparsity=0.5, modules=nn.Conv2d, include=[], verbose=False)
     quiet_trainer(max_steps=1, callbacks=[spred]).fit(model, data)
     batch = next(iter(data))
     seed_everything(0)
     fresh = DigitsMLP(steps=60)
-    fresh.net = ConvBN()
+    fresh.net = DigitsConvBN()
     fresh.load_state_dict(model.state_dict())  # lam_max was computed before the first step: compare on a copy
     at_zero = lam_max(lambda: fresh.training_step(batch, 0), [fresh.net.body[0].weight])
     assert at_zero > 10 * spred.steering.lam_max  # BatchNorm divides a zero-variance input by sqrt(eps)
