@@ -3,9 +3,10 @@
 A normalisation right after a penalised layer (BatchNorm after a conv) undoes the layer's scale, so the penalty
 shrinks such a layer as a whole at no cost to the loss. The layer computes the same function at any scale, but its
 optimizer does not see the same problem: a step of fixed size moves a small weight further in relative terms (the
-effective learning rate of a scale-invariant weight is ``lr / |w|^2`` with SGD). On a BatchNorm ResNet on MNIST with
-a 90% target, the conv weights' norm fell from 14 to 0.6 by the refit, and refitting at that scale lost accuracy
-(0.974 before the refit, 0.960 after); multiplied back to their norm when penalising began, the refit ended at 0.982.
+effective learning rate of a scale-invariant weight is ``lr / |w|^2`` with SGD). In a probe on a BatchNorm ResNet
+on MNIST with a 90% target, the conv weights' norm fell from 14 to 0.6 by the refit, and refitting at that scale
+lost accuracy (0.974 before the refit, 0.960 after); multiplied back to their norm when penalising began, the refit
+ended at 0.982.
 
 :func:`restore_norms` does that multiplication: each such layer's weight (and bias) by ``start / now`` when it
 shrank (a layer that grew, as scale-free weights do under plain SGD, is left as it is), and the
