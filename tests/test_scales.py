@@ -31,11 +31,12 @@ class Body(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def terms_of(net: nn.Module) -> list[Factorization]:
+def terms_of(net: nn.Module, started: bool = False) -> list[Factorization]:
     layers = {"conv1": net.conv1, "conv2": net.conv2, "head": net.head}
-    return [
-        Factorization([Member(m, "weight", f"{n}.weight", None)], lam=0.1, threshold=0.0) for n, m in layers.items()
-    ]
+    terms = [Factorization([Member(m, "weight", f"{n}.weight", None)], 0.1, 0.0) for n, m in layers.items()]
+    for f in terms if started else ():
+        f.start()  # records each weight's norm, as the first optimizer step does
+    return terms
 
 
 def test_only_layers_whose_every_output_is_normalised_are_found():
@@ -50,9 +51,7 @@ def test_only_layers_whose_every_output_is_normalised_are_found():
 def test_restoring_the_norm_keeps_the_function_in_training_and_in_evaluation():
     torch.manual_seed(0)
     net = Body()
-    terms = terms_of(net)
-    for f in terms:
-        f.start()
+    terms = terms_of(net, started=True)
     start = net.conv1.weight.norm().item()
     x = torch.randn(16, 1, 6, 6)
     with torch.no_grad():
@@ -109,9 +108,7 @@ def test_a_refit_gives_the_layers_batchnorm_follows_the_scale_the_penalty_took(r
 def test_a_layer_that_grew_is_left_as_it_is():
     torch.manual_seed(0)
     net = Body()
-    terms = terms_of(net)
-    for f in terms:
-        f.start()
+    terms = terms_of(net, started=True)
     with torch.no_grad():
         net.conv1.weight.mul_(1.7)  # plain SGD grows scale-free weights
     grown = net.conv1.weight.clone()
