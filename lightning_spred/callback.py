@@ -8,6 +8,7 @@ it. Each hook below is a few lines that call them at the right time.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -16,32 +17,25 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_spred.census import Census
-from lightning_spred.checks import (
-    check_coefficient,
-    check_groups,
-    check_modules,
-    check_optimizers,
-    check_patterns,
-    check_strategy,
-    training_budget,
-)
-from lightning_spred.diagnostics import FixedLamForecast, ForwardTrace, absorbed_terms, degenerate_penalties
+from lightning_spred.checks import check_coefficient, check_optimizers, check_strategy, training_budget
+from lightning_spred.diagnostics import FixedLamForecast, absorbed_terms, degenerate_penalties
 from lightning_spred.factorization import Factorization
 from lightning_spred.features import FeatureSelection, selected_features
-from lightning_spred.functional import threshold as threshold_tensor
 from lightning_spred.group_kinds import GroupSpec
 from lightning_spred.lam_max import lam_max_of_batch
 from lightning_spred.loggers import SpredLogging
 from lightning_spred.optimizer_hooks import FactorStepper
-from lightning_spred.parameters import DEFAULT_MODULES, PenalisedParameter, SelectFn, select_parameters
 from lightning_spred.path import PathPoint, PathRecorder, RegularizationPath
 from lightning_spred.report import SparsityReport, sparsity_report
 from lightning_spred.results import FitResults
 from lightning_spred.resume import SavedTerms
 from lightning_spred.scales import AbsorbedScale, find_absorbed, restore_norms
 from lightning_spred.schedules import LamSchedule
+from lightning_spred.selection import PenalisedParameter, SelectFn, Selection
 from lightning_spred.steering import Phase, Steering
+from lightning_spred.targets import Target
 from lightning_spred.terms import PenaltyTerms
+from lightning_spred.trace import ForwardTrace
 
 __all__ = ["SpredCallback"]
 
@@ -64,44 +58,46 @@ class SpredCallback(Callback):
     zero, so training, validation, checkpoints and the model that leaves ``fit`` use the sparse weights that are kept.
 
     Steering ``lam``: a number (changing ``callback.lam`` during fit takes effect at the next step), a
-    :class:`~lightning_spred.schedules.LamSchedule`, or a target (``target_sparsity`` or ``target_groups``): the
-    count follows gradual pruning's cubic schedule to the target over the first two thirds of the steps, tracked
-    with feedback on ``lam`` and by pruning spred's smallest weights where the count lags; the last third trains
-    the plain weights within the zeros (see :mod:`lightning_spred.steering`). ``refit_fraction`` sets that last
-    part (and ends any fit with such a refit).
+    :class:`~lightning_spred.schedules.LamSchedule`, or a :class:`~lightning_spred.targets.Target` (or the keywords
+    ``target_sparsity`` / ``target_groups``): the count follows gradual pruning's cubic schedule to the target over
+    the first two thirds of the steps, tracked with feedback on ``lam`` and by pruning spred's smallest weights where
+    the count lags; the last third trains the plain weights within the zeros. ``refit_fraction`` sets that last part
+    (and ends any fit with such a refit).
 
     What it logs, through ``LightningModule.log`` so every logger gets it, every ``log_every_n_steps`` steps: see
     :meth:`compute_metrics` and :mod:`lightning_spred.loggers`. When fitting ends, a per-layer table is printed
     (rank zero) and kept: see :meth:`report`.
 
     Args:
-        lam: the L1 coefficient (``>= 0``) or a schedule; with a target, a number is where ``lam`` starts.
+        lam: the L1 coefficient (``>= 0``), a schedule, or a :class:`~lightning_spred.targets.Target`; with a target,
+            a number is where ``lam`` starts.
+        target: a :class:`~lightning_spred.targets.Target`, beside a starting ``lam`` (or give the target keywords).
+        selection: a :class:`~lightning_spred.selection.Selection` of the parameters to penalise (or give its
+            keywords: ``modules``, ``include``, ``exclude``, ``select``, ``lam_overrides``, ``groups``).
         threshold: magnitude at or below which entries (or groups) are exact zeros. Switched-off weights decay
             towards 0 exponentially but never reach it; raise it for short or noisy runs of deep networks (``1e-3``).
-        modules: module types whose ``weight`` is penalised (default: ``Linear`` and ``Conv1d/2d/3d``, unless
-            ``groups`` is given, in which case only the weights that ``groups`` and ``include`` name are penalised).
+        modules: module types whose projection weights are penalised (default: ``Linear``, ``Conv1d/2d/3d``,
+            ``nn.MultiheadAttention``'s projections and Hugging Face's ``Conv1D``; embeddings never, tied or not;
+            with ``groups`` only what ``groups`` and ``include`` name).
         include: name patterns (shell-style, ``*`` matches dots) of further parameters to penalise.
         exclude: name patterns of parameters never penalised.
         select: a function ``(name, module, parameter) -> bool`` that replaces ``modules`` and ``include``.
         lam_overrides: name pattern to a fixed ``lam`` of its own (not scheduled and not steered by a target).
-        groups: name pattern to group kind: ``"input"`` (dim 1: input features of a ``Linear``, input channels of a
-            conv), ``"output"`` (dim 0: neurons, filters), ``"channel"`` (dim 0 with the layer's bias and the
-            BatchNorm after it), a dimension index, or ``None`` (see :mod:`lightning_spred.group_kinds`).
-        target_sparsity: the fraction of the penalised entries to make zero.
-        target_groups: the number of groups (features, neurons, channels) to keep.
+        groups: name pattern to group kind: ``"input"`` (input features), ``"output"`` (neurons, filters),
+            ``"channel"`` (output units with the layer's bias and the BatchNorm after it), ``"head"`` / ``"neuron"`` /
+            ``"rank"`` (for a pattern naming an attention, a feed-forward block or a LoRA layer: its heads, neurons or
+            ranks across all their tensors), a dimension index, or ``None`` (see :mod:`lightning_spred.group_kinds`).
+        target_sparsity: the fraction of the penalised entries (grouped weights: groups) to make zero.
+        target_groups: the number of groups (features, neurons, channels, heads) to keep.
         refit_fraction: the fraction of the steps, at the end, that train the plain weights without penalty within
             the zeros (default: a third with a target, else none).
         lam_max: the ``lam_max`` that relative schedules and targets scale with; by default it is computed from the
             first training batch (one forward and backward pass per weight).
         total_steps: the optimizer steps of the fit, for targets, relative schedules and refits when the trainer
             cannot tell (an ``IterableDataset`` without ``max_steps``, ``max_time``).
-        check_every: a target reads its counts (one device-to-host transfer) and prunes every this many steps.
-        layer_floor: with a target, each penalised weight keeps at least this fraction of its share of the kept
-            entries, and at least one group (``0`` lets layers die).
-        prune_by: who chooses a target's zeros: ``"path"`` (``lam`` rises until the weights leave by themselves; the
-            default of ``target_groups`` on ``"input"`` groups: feature selection) or ``"magnitude"`` (``lam`` stays
-            gentle and the schedule prunes the smallest weights; the default otherwise: compression). See
-            :class:`~lightning_spred.steering.Steering`.
+        check_every: see :class:`~lightning_spred.targets.Target`.
+        layer_floor: see :class:`~lightning_spred.targets.Target`.
+        prune_by: see :class:`~lightning_spred.targets.Target`.
         restore_scales: when a refit begins, multiply each penalised layer whose output goes straight into a
             normalisation (a conv before a BatchNorm) back to its norm when penalising began, with the
             normalisation's running statistics: the penalty shrinks such layers at no cost to the loss, and a refit
@@ -115,11 +111,11 @@ class SpredCallback(Callback):
 
     Raises:
         TypeError: an argument has the wrong type.
-        ValueError: an argument has an invalid value.
+        ValueError: an argument has an invalid value, or arguments do not go together.
 
     Example:
         >>> callback = SpredCallback(lam=1e-4)
-        >>> targeted = SpredCallback(groups={"net.0.weight": "input"}, target_groups=10)
+        >>> targeted = SpredCallback(Target(groups=10), groups={"net.0.weight": "input"})
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(callbacks=[callback], max_epochs=1, logger=False)  # doctest: +SKIP
         >>> trainer.fit(model)  # doctest: +SKIP
@@ -127,8 +123,10 @@ class SpredCallback(Callback):
 
     def __init__(
         self,
-        lam: Union[float, LamSchedule, None] = None,
+        lam: Union[float, LamSchedule, Target, None] = None,
         *,
+        target: Optional[Target] = None,
+        selection: Optional[Selection] = None,
         threshold: float = 1e-6,
         modules: Optional[Union[type[nn.Module], Sequence[type[nn.Module]]]] = None,
         include: Sequence[str] = (),
@@ -151,39 +149,15 @@ class SpredCallback(Callback):
         print_report: bool = True,
     ) -> None:
         self.threshold = check_coefficient("threshold", threshold)
-        if refit_fraction is not None:
-            check_coefficient("refit_fraction", refit_fraction)
+        self.selection = _selection(selection, modules, include, exclude, select, lam_overrides, groups)
+        if isinstance(lam, Target):
+            if target is not None:
+                raise ValueError("Give the target once: as `lam` or as `target=`, not both.")
+            lam, target = None, lam
+        target = _target(target, target_sparsity, target_groups, check_every, layer_floor, prune_by, self.selection)
         if lam is not None and not isinstance(lam, LamSchedule):
             lam = check_coefficient("lam", lam)
-        self.groups = check_groups(groups or {})
-        if prune_by is None and target_groups is not None and set(self.groups.values()) == {"input"}:
-            prune_by = "path"  # feature selection: only the input layer is penalised, the path ranks the features
-        # a target counts what it zeroes at 1e-3 at least: a threshold of 1e-6 lags far behind a short run
-        self.steering = Steering(
-            lam,
-            target_sparsity,
-            target_groups,
-            refit_fraction,
-            check_every,
-            layer_floor,
-            max(self.threshold, 1e-3),
-            prune_by,
-        )
-        self.lam_overrides = {
-            k: check_coefficient(f"lam_overrides[{k!r}]", v) for k, v in (lam_overrides or {}).items()
-        }
-        self.modules = check_modules(DEFAULT_MODULES if modules is None and not self.groups else modules or ())
-        self.include = check_patterns("include", include)
-        self.exclude = check_patterns("exclude", exclude)
-        if select is not None and not callable(select):
-            raise TypeError(f"`select` must be a function (name, module, parameter) -> bool, got {select!r}.")
-        if select is not None and self.include:
-            raise ValueError("Give either `select` or `include`, not both: `select` alone decides when given.")
-        self.select = select
-        if target_groups is not None and not self.groups:
-            raise ValueError(
-                "`target_groups` counts groups: also give `groups=` (for example {'net.0.weight': 'input'})."
-            )
+        self.steering = Steering(lam, target, refit_fraction, self.threshold)
         self.lam_max = None if lam_max is None else check_coefficient("lam_max", lam_max)
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
@@ -236,10 +210,7 @@ class SpredCallback(Callback):
     def state_key(self) -> str:
         # Lightning reads it at every hook call (profiler names): built once from the settings
         if self._state_key is None:
-            names = [m.__name__ for m in self.modules]
-            self._state_key = self._generate_state_key(
-                include=self.include, exclude=self.exclude, groups=self.groups, modules=names
-            )
+            self._state_key = self._generate_state_key(**self.selection.hparams())
         return self._state_key
 
     @property
@@ -311,16 +282,8 @@ class SpredCallback(Callback):
 
     # ---------------------------------------------------------------------------------------------- overridable
     def select_parameters(self, pl_module: LightningModule) -> list[PenalisedParameter]:
-        """Choose the parameters to penalise; override to choose differently."""
-        return select_parameters(
-            pl_module,
-            modules=self.modules,
-            include=self.include,
-            exclude=self.exclude,
-            select=self.select,
-            lam_overrides=self.lam_overrides,
-            groups=self.groups,
-        )
+        """Choose the parameters to penalise (:meth:`Selection.choose`); override to choose differently."""
+        return self.selection.choose(pl_module)
 
     def compute_metrics(self, census: Optional[Census] = None) -> dict[str, Tensor]:
         """The values logged during training, as tensors on the weights' device; override to add or change them.
@@ -329,9 +292,9 @@ class SpredCallback(Callback):
             census: the reading of the terms to log (default: a new one). Every rank holds the same weights under DDP.
         """
         census = census or self._terms.census()
+        counted = [i for i, started in enumerate(census.member_started) if started]  # frozen weights are not counted
         metrics = {
-            f"spred/sparsity/{name}": zeros / size
-            for name, zeros, size in zip(census.members, census.member_zeros, census.member_sizes)
+            f"spred/sparsity/{census.members[i]}": census.member_zeros[i] / census.member_sizes[i] for i in counted
         }
         metrics.update(
             {
@@ -341,11 +304,11 @@ class SpredCallback(Callback):
             }
         )
         started = torch.tensor(census.started, device=census.balance.device)
-        total = max(sum(census.member_sizes), 1)
-        zeros = census.member_zeros.sum()
+        total = max(sum(census.member_sizes[i] for i in counted), 1)
+        zeros = census.member_zeros[counted].sum()
         metrics["spred/nonzeros"] = total - zeros
         metrics["spred/penalty"] = census.penalty.sum()
-        metrics["spred/lam"] = torch.tensor(self._terms.lam)
+        metrics["spred/lam"] = torch.tensor(self.steering.current_lam)
         count = started.sum()
         metrics["spred/balance"] = torch.where(count > 0, (census.balance * started).sum() / count.clamp_min(1), 1.0)
         metrics["spred/sparsity"] = zeros / total
@@ -369,9 +332,7 @@ class SpredCallback(Callback):
         self._logging.begin(trainer)
         SpredLogging.hyperparameters(trainer, self._hyperparameters())
         if self.verbose:
-            count = sum(w.numel() for f in self._terms for w in f.weights)
-            names = ", ".join(f.name for f in self._terms)
-            rank_zero_info(f"SpredCallback: penalty on {len(self._terms)} parameters ({count:,} weights): {names}")
+            rank_zero_info(self._describe_terms())
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         wanted = self._forecast is not None and self._forecast.wants_lam_max and pl_module.automatic_optimization
@@ -434,10 +395,8 @@ class SpredCallback(Callback):
         # The weights are kept sparse after every step; a weight averaging callback may have put its average here.
         state = checkpoint.get("state_dict", {})
         for f in self._terms:
-            if f.started and f.zero_every_step and not f.frozen:
-                for member in f.members:
-                    if member.name in state:
-                        state[member.name] = threshold_tensor(state[member.name], f.threshold, member.dim)
+            if f.started and f.zero_every_step:
+                f.zero_small_in(state)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The state key holds the settings (so that two callbacks can be told apart): a resume with other settings
@@ -470,7 +429,7 @@ class SpredCallback(Callback):
         if not chosen:
             raise ValueError(self._nothing_to_penalise(pl_module))
         self._check_other_callbacks(trainer, chosen)
-        terms = PenaltyTerms.build(pl_module, chosen, self.threshold)
+        terms = PenaltyTerms.build(chosen, self.threshold)
         self._saved.check(terms)
         check_optimizers(trainer, trainer.optimizers, terms)
         return terms
@@ -496,13 +455,14 @@ class SpredCallback(Callback):
         """The optimizer hooks, the forward trace and, for a fixed ``lam``, its forecast."""
         # led by magnitude, a target starts from the model's own dynamics (u = w, v = 1: near balance the effective
         # learning rate of w is 2|w| times the optimizer's, which slows a network down for the whole schedule)
-        scale = 1.0 if self.steering.has_target and self.steering.prune_by == "magnitude" else None
+        target = self.steering.target
+        scale = 1.0 if target is not None and target.prune_by == "magnitude" else None
         self._steppers = [
             FactorStepper(opt, self._terms, self.steering, self._saved, trainer, scale) for opt in trainer.optimizers
         ]
         self._trace, self._dead, self._scales = ForwardTrace(pl_module), set(), []
         fixed = isinstance(self.lam, float) and not self.steering.has_target  # schedules and targets move lam
-        self._forecast = FixedLamForecast(self.lam, total, threshold=self.threshold) if fixed else None  # type: ignore[arg-type]
+        self._forecast = FixedLamForecast(self.steering, total, threshold=self.threshold) if fixed else None
         if self._forecast is not None and self.lam_max is not None:
             for message in self._forecast.judge_lam_max(self.lam_max):
                 rank_zero_warn(message, category=UserWarning)
@@ -541,7 +501,7 @@ class SpredCallback(Callback):
             pl_module,
             trainer.global_step,
             trainer.current_epoch,
-            self._terms.lam,
+            self.steering.current_lam,
             census,
             self._recorder.current_metrics(trainer.global_step, trainer.callback_metrics),
             at_limit=self.steering.at_limit,
@@ -587,23 +547,34 @@ class SpredCallback(Callback):
 
     def _hyperparameters(self) -> dict[str, Any]:
         lam = self.lam.hparams() if isinstance(self.lam, LamSchedule) else self.lam
+        target = self.steering.target.target.hparams() if self.steering.target is not None else {}
         return {
             "spred/lam": lam,
             "spred/threshold": self.threshold,
-            "spred/groups": dict(self.groups),
-            "spred/lam_overrides": dict(self.lam_overrides),
-            "spred/target_sparsity": self.steering.target_sparsity,
-            "spred/target_groups": self.steering.target_groups,
+            "spred/groups": dict(self.selection.groups),
+            "spred/lam_overrides": dict(self.selection.lam_overrides),
+            **{f"spred/{key}": value for key, value in target.items()},
             "spred/refit_fraction": self.steering.effective_refit_fraction,
             "spred/restore_scales": self.restore_scales,
             "spred/penalised": [f.name for f in self._terms],
         }
 
+    def _describe_terms(self) -> str:
+        trainable = [f for f in self._terms if f.trainable]
+        count = sum(w.numel() for f in trainable for w in f.weights)
+        names = ", ".join(f.name for f in trainable)
+        frozen = len(self._terms) - len(trainable)
+        terms = f"{len(trainable)} term" + ("" if len(trainable) == 1 else "s")
+        return f"SpredCallback: penalty on {terms} ({count:,} weights): {names}" + (
+            f"; {frozen} frozen terms are penalised (and counted) only if they train" if frozen else ""
+        )
+
     def _nothing_to_penalise(self, pl_module: LightningModule) -> str:
+        selection = self.selection
         return (
-            f"SpredCallback found nothing to penalise in {type(pl_module).__name__}: no `weight` of"
-            f" {[m.__name__ for m in self.modules]} and no parameter matching `include`/`groups`"
-            + (f" outside `exclude={list(self.exclude)}`" if self.exclude else "")
+            f"SpredCallback found nothing to penalise in {type(pl_module).__name__}: no projection weight of"
+            f" {[m.__name__ for m in selection.modules]} and no parameter matching `include`/`groups`"
+            + (f" outside `exclude={list(selection.exclude)}`" if selection.exclude else "")
             + ". Choose parameters with `modules=`, `include=[...]`, `groups=` or `select=`."
         )
 
@@ -622,3 +593,55 @@ def _last_epoch(trainer: Trainer) -> bool:
         or (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs)
         or (max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps)
     )
+
+
+def _selection(
+    selection: Optional[Selection],
+    modules: Optional[Union[type[nn.Module], Sequence[type[nn.Module]]]],
+    include: Sequence[str],
+    exclude: Sequence[str],
+    select: Optional[SelectFn],
+    lam_overrides: Optional[Mapping[str, float]],
+    groups: Optional[Mapping[str, GroupSpec]],
+) -> Selection:
+    """The given ``Selection``, or one built from its keywords (not both)."""
+    keywords = dict(modules=modules, include=include, exclude=exclude, select=select, lam_overrides=lam_overrides)
+    if selection is None:
+        return Selection(**keywords, groups=groups)  # type: ignore[arg-type]
+    if not isinstance(selection, Selection):
+        raise TypeError(f"`selection` must be a lightning_spred.Selection, got {selection!r}.")
+    given = [k for k, v in {**keywords, "groups": groups}.items() if v not in (None, ())]
+    if given:
+        raise ValueError(f"Give the parameters to penalise once: `selection=` or {given}, not both.")
+    return selection
+
+
+def _target(
+    target: Optional[Target],
+    sparsity: Optional[float],
+    groups: Optional[int],
+    check_every: int,
+    layer_floor: float,
+    prune_by: Optional[str],
+    selection: Selection,
+) -> Optional[Target]:
+    """The given ``Target``, or one built from its keywords (not both); ``None`` without a target."""
+    settings = dict(check_every=check_every, layer_floor=layer_floor, prune_by=prune_by)
+    changed = [k for k, v in settings.items() if v != Target.__dataclass_fields__[k].default]
+    if target is not None:
+        if not isinstance(target, Target):
+            raise TypeError(f"`target` must be a lightning_spred.Target, got {target!r}.")
+        if sparsity is not None or groups is not None or changed:
+            raise ValueError("Give the target once: a `Target` or the keywords `target_sparsity=`, ..., not both.")
+    elif sparsity is not None or groups is not None:
+        target = Target(sparsity, groups, **settings)  # type: ignore[arg-type]
+    elif changed:
+        raise ValueError(f"{changed} steer a target: give `target_sparsity=` or `target_groups=` too.")
+    if target is None:
+        return None
+    if target.groups is not None and not selection.groups:
+        raise ValueError("`target_groups` counts groups: also give `groups=` (for example {'net.0.weight': 'input'}).")
+    if target.prune_by is None and target.groups is not None and set(selection.groups.values()) == {"input"}:
+        # feature selection: only the input layer is penalised, and the path ranks the features
+        target = dataclasses.replace(target, prune_by="path")
+    return target

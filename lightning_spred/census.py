@@ -28,6 +28,7 @@ class HostCensus:
     members: tuple[str, ...]
     member_sizes: tuple[int, ...]
     member_zeros: tuple[int, ...]
+    member_started: tuple[bool, ...]
     terms: tuple[str, ...]
     grouped: tuple[bool, ...]
     scheduled: tuple[bool, ...]
@@ -42,11 +43,13 @@ class HostCensus:
 
     @property
     def zeros(self) -> int:
-        return sum(self.member_zeros)
+        """Zero entries of the tensors that have trained (a frozen weight is not counted)."""
+        return sum(z for z, s in zip(self.member_zeros, self.member_started) if s)
 
     @property
     def entries(self) -> int:
-        return sum(self.member_sizes)
+        """Entries of the tensors that have trained."""
+        return sum(n for n, s in zip(self.member_sizes, self.member_started) if s)
 
     @property
     def sparsity(self) -> float:
@@ -81,6 +84,8 @@ class Census:
         members: the names of the penalised tensors (a channel term has several).
         member_sizes: their numbers of entries.
         member_zeros: exact zeros of each tensor.
+        member_started: whether each tensor's term has trained: totals count only those (a frozen base model, which
+            never trains, is neither penalised nor counted).
         terms: the names of the penalty terms.
         grouped: whether each term has groups.
         scheduled: whether each term follows the callback's ``lam`` (not a ``lam_overrides`` coefficient).
@@ -97,6 +102,7 @@ class Census:
     members: tuple[str, ...]
     member_sizes: tuple[int, ...]
     member_zeros: Tensor
+    member_started: tuple[bool, ...]
     terms: tuple[str, ...]
     grouped: tuple[bool, ...]
     scheduled: tuple[bool, ...]
@@ -125,6 +131,7 @@ class Census:
             members=tuple(m.name for f in terms for m in f.members),
             member_sizes=tuple(w.numel() for w in weights),
             member_zeros=stack([count_zeros(w) for w in weights]),
+            member_started=tuple(f.started for f in terms for _ in f.members),
             terms=tuple(f.name for f in terms),
             grouped=tuple(f.grouped for f in terms),
             scheduled=tuple(f.scheduled for f in terms),
@@ -156,6 +163,7 @@ class Census:
             members=self.members,
             member_sizes=self.member_sizes,
             member_zeros=tuple(int(z) for z in zeros),
+            member_started=self.member_started,
             terms=self.terms,
             grouped=self.grouped,
             scheduled=self.scheduled,

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 from torch.optim import LBFGS, AdamW, Optimizer
 
 from lightning_spred.factorization import Factorization
-from lightning_spred.group_kinds import GroupSpec, check_group_spec
 
 __all__ = [
     "check_coefficient",
-    "check_groups",
-    "check_modules",
     "check_optimizers",
-    "check_patterns",
     "check_strategy",
     "training_budget",
 ]
@@ -37,34 +32,6 @@ def check_coefficient(name: str, value: Any) -> float:
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"`{name}` must be a finite number >= 0 (for example 1e-4), got {number}.")
     return number
-
-
-def check_patterns(name: str, patterns: Sequence[str]) -> tuple[str, ...]:
-    """A tuple of name patterns (one string is one pattern)."""
-    if isinstance(patterns, str):
-        patterns = (patterns,)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"`{name}` must be a list of name patterns such as ['encoder.*.weight'], got {patterns!r}.")
-    return tuple(patterns)
-
-
-def check_modules(modules: Any) -> tuple[type[nn.Module], ...]:
-    """A tuple of ``nn.Module`` subclasses (one class is accepted as well)."""
-    modules = (modules,) if isinstance(modules, type) else tuple(modules)
-    if not all(isinstance(m, type) and issubclass(m, nn.Module) for m in modules):
-        raise TypeError(f"`modules` must hold nn.Module subclasses such as nn.Linear, got {modules!r}.")
-    return modules
-
-
-def check_groups(groups: Mapping[str, GroupSpec]) -> dict[str, GroupSpec]:
-    """Group specifications by pattern, each valid on its own (whether it fits its parameter is checked at fit)."""
-    if not isinstance(groups, Mapping):
-        raise TypeError(
-            f"`groups` must map name patterns to 'input', 'output', 'channel' or a dimension, got {groups!r}."
-        )
-    for pattern, spec in groups.items():
-        check_group_spec(spec, f"`groups[{pattern!r}]`")
-    return dict(groups)
 
 
 def training_budget(trainer: Trainer, total_steps: Optional[int], needed: bool) -> Optional[int]:
@@ -114,7 +81,7 @@ def check_optimizers(
             continue
         if len({id(opt) for opt, _ in places}) > 1:  # type: ignore[misc]
             raise ValueError(
-                f"The tensors of `{f.name}` ({', '.join(m.path for m in f.members)}) share one spred factor, so they"
+                f"The tensors of `{f.name}` ({', '.join(m.name for m in f.members)}) share one spred factor, so they"
                 " must be in the same optimizer."
             )
         optimizer, group = places[0]  # type: ignore[misc]

@@ -14,96 +14,31 @@
   (with SGD, about ``lam * sum(lr) / (1 - momentum) >= 2``); a run that will not get there, or whose ``lam`` is too
   small to win against the loss anywhere, ends without zeros.
 
-The first two come from one forward pass traced with module hooks: which module consumes which module's output.
+The first two come from one forward pass traced with module hooks (:mod:`lightning_spred.trace`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from lightning_spred.factorization import Factorization
-from lightning_spred.terms import PenaltyTerms, Pool
+from lightning_spred.functional import forecast_exits
+from lightning_spred.steering import Steering
+from lightning_spred.targets import magnitudes
+from lightning_spred.terms import PenaltyTerms
+from lightning_spred.trace import HOMOGENEOUS, NORMS, ForwardTrace, following_norms
 
-__all__ = ["FixedLamForecast", "ForwardTrace", "absorbed_terms", "degenerate_penalties", "following_norms"]
+__all__ = ["FixedLamForecast", "absorbed_terms", "degenerate_penalties"]
 
 #: A fixed ``lam`` forecast to zero fewer than this fraction of the weights by the end is warned about.
 NO_ZEROS = 0.01
 #: A fixed ``lam`` below this fraction of ``lam_max`` is warned about (two orders of magnitude).
 FAR_BELOW = 1e-2
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
-# f(a * x) = a * f(x) for a > 0: a layer's scale passes through these to the next layer
-_HOMOGENEOUS = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.Dropout,
-    nn.Identity,
-    nn.Flatten,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-)
-
-
-class ForwardTrace:
-    """Records, during the next forward pass of ``model``, which leaf module consumes which module's output.
-
-    Args:
-        model: the model to trace; hooks are added to every leaf module and removed after the first pass.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.calls: list[tuple[nn.Module, tuple[int, ...], int]] = []
-        self._keep: list[Any] = []  # holds the traced tensors so that their ids stay unique during the pass
-        self._handles: list[RemovableHandle] = [
-            m.register_forward_hook(self._hook) for m in model.modules() if not list(m.children())
-        ]
-
-    @property
-    def done(self) -> bool:
-        return bool(self.calls)
-
-    def stop(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._keep.clear()
-
-    def consumers(self, module: nn.Module, through: tuple[type, ...] = ()) -> list[nn.Module]:
-        """Modules whose input is ``module``'s output, looking past modules of the types in ``through``."""
-        outputs = {out for m, _, out in self.calls if m is module}
-        seen = set(outputs)  # an in-place module (ReLU(inplace=True)) returns its input: do not go round
-        found: list[nn.Module] = []
-        while outputs:
-            nxt: set[int] = set()
-            for m, inputs, out in self.calls:
-                if outputs & set(inputs):
-                    if isinstance(m, through):
-                        nxt.add(out)
-                    elif all(m is not f for f in found):
-                        found.append(m)
-            outputs = nxt - seen
-            seen |= nxt
-        return found
-
-    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not isinstance(output, Tensor):  # (an LSTM's tuple): not followed
-            return
-        tensors = [a for a in args if isinstance(a, Tensor)]
-        self._keep.extend([*tensors, output])
-        self.calls.append((module, tuple(id(t) for t in tensors), id(output)))
 
 
 def degenerate_penalties(
@@ -122,10 +57,10 @@ def degenerate_penalties(
     for f in terms:
         own = {id(w) for w in f.weights}  # a channel group holds the normalisation after its layer
         for member in f.members:
-            if isinstance(member.module, _NORMS) and member.attr == "weight":
+            if isinstance(member.module, NORMS) and member.attr == "weight":
                 messages += _collapse(trace, f.name, member.module)
                 continue
-            if member.attr != "weight" or isinstance(member.module, _NORMS):
+            if member.attr != "weight" or isinstance(member.module, NORMS):
                 continue
             norms = following_norms(trace, member.module, own)
             if norms and f.grouped:
@@ -146,7 +81,7 @@ def degenerate_penalties(
                 continue
             escapes = [
                 m
-                for m in trace.consumers(member.module, through=_HOMOGENEOUS)
+                for m in trace.consumers(member.module, through=HOMOGENEOUS)
                 if isinstance(getattr(m, "weight", None), Tensor)
                 and id(m.weight) not in penalised
                 and id(m.weight) not in decayed
@@ -164,8 +99,8 @@ def degenerate_penalties(
 
 def _collapse(trace: ForwardTrace, name: str, norm: nn.Module) -> list[str]:
     """A channel group whose normalised output feeds a layer that is normalised again: a common scale is free."""
-    for layer in trace.consumers(norm, through=_HOMOGENEOUS):
-        following = [m for m in trace.consumers(layer) if isinstance(m, _NORMS)]
+    for layer in trace.consumers(norm, through=HOMOGENEOUS):
+        following = [m for m in trace.consumers(layer) if isinstance(m, NORMS)]
         if following:
             return [
                 f"The channels of `{name}` feed a {type(layer).__name__} whose {type(following[0]).__name__} undoes"
@@ -184,21 +119,14 @@ def absorbed_terms(trace: ForwardTrace, terms: Sequence[Factorization]) -> set[s
     for f in terms:
         own = {id(w) for w in f.weights}
         for member in f.members:
-            if member.attr == "weight" and not isinstance(member.module, _NORMS):
+            if member.attr == "weight" and not isinstance(member.module, NORMS):
                 if following_norms(trace, member.module, own):
                     absorbed.add(f.name)
             elif (
-                isinstance(member.module, _NORMS)
-                and member.attr == "weight"
-                and _collapse(trace, f.name, member.module)
+                isinstance(member.module, NORMS) and member.attr == "weight" and _collapse(trace, f.name, member.module)
             ):
                 absorbed.add(f.name)
     return absorbed
-
-
-def following_norms(trace: ForwardTrace, module: nn.Module, own: set[int]) -> list[nn.Module]:
-    """The normalisations that take ``module``'s output directly (not those of its own channel group)."""
-    return [m for m in trace.consumers(module) if isinstance(m, _NORMS) and id(getattr(m, "weight", None)) not in own]
 
 
 class FixedLamForecast:
@@ -216,21 +144,28 @@ class FixedLamForecast:
       balanced and the penalty still far too small to win against the loss).
 
     Args:
-        lam: the fixed ``lam``.
+        steering: the fit's steering, whose ``lam`` (a number, which may change during fit) is judged.
         total_steps: the steps the fit will take (``None``: unknown, no extrapolation).
         fraction: when to judge, as a fraction of ``total_steps``.
         threshold: what counts as zero.
     """
 
-    def __init__(self, lam: float, total_steps: Optional[int], fraction: float = 0.1, threshold: float = 1e-6) -> None:
-        self.lam = lam
+    def __init__(
+        self, steering: Steering, total_steps: Optional[int], fraction: float = 0.1, threshold: float = 1e-6
+    ) -> None:
+        self.steering = steering
         self.total_steps = total_steps or 0
         self.check_step = max(1, int(fraction * self.total_steps))
         self.threshold = threshold
         self.first: Optional[tuple[int, float, Tensor]] = None
         self.done = self.total_steps < 50  # too short to judge
         #: whether ``lam_max`` is still to be judged (at the first batch)
-        self.wants_lam_max = lam > 0
+        self.wants_lam_max = self.lam > 0
+
+    @property
+    def lam(self) -> float:
+        """The live ``lam``: the last step's, or the one asked for before the first step."""
+        return self.steering.current_lam or self.steering.lam_value(0, 0)
 
     def judge_lam_max(self, lam_max: float) -> list[str]:
         """The warning for a ``lam`` far below ``lam_max``, once."""
@@ -247,15 +182,15 @@ class FixedLamForecast:
         """Record the terms after ``step``; return the warnings due, once, at the judging step."""
         if self.done or not terms.scheduled:
             return []
-        pool = Pool(terms.scheduled, 0, [0] * len(terms.scheduled))
+        now = magnitudes(terms.scheduled)
         if self.first is None:
-            self.first = (step, 1 - terms.census().host().mean_balance, pool.magnitudes())
+            self.first = (step, 1 - terms.census().host().mean_balance, now)
             return []
         if step < self.check_step:
             return []
         self.done = True
-        start, gap_start, magnitudes = self.first
-        exits, _ = pool.forecast(magnitudes, step - start, self.total_steps - step, max(self.threshold, 1e-30))
+        start, gap_start, before = self.first
+        exits = forecast_exits(before, now, step - start, self.total_steps - step, max(self.threshold, 1e-30))
         census = terms.census().with_extra(exits=exits.reshape(1).to(torch.float64)).host()
         messages = [self._l2_phase(step, start, gap_start, 1 - census.mean_balance)]
         forecast = census.zeros + int(census.extra["exits"][0])

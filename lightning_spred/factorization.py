@@ -33,17 +33,31 @@ class Member:
         module: the module that owns the parameter.
         attr: the parameter's attribute name on ``module`` (for example ``"weight"``).
         name: the parameter's name in the whole model (for example ``"encoder.0.weight"``).
-        dim: ``None`` for elementwise L1, else the dimension whose indices are the groups.
+        dim: ``None`` for elementwise L1, else the dimension (of :attr:`shape`) whose indices are the groups.
+        shape: the view of the parameter in which ``dim`` indexes the groups (``None``: its own shape). A fused
+            ``qkv`` weight ``(3 * H * d, E)`` is viewed as ``(3, H, d, E)`` so that dimension 1 indexes its heads.
+        aliases: every name of the parameter when it is tied (``name`` first).
     """
 
     module: nn.Module
     attr: str
     name: str
     dim: Optional[int]
+    shape: Optional[tuple[int, ...]] = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def weight(self) -> nn.Parameter:
         return self.module._parameters[self.attr]  # type: ignore[return-value]
+
+    @property
+    def tensor(self) -> Tensor:
+        """The parameter in the view whose ``dim`` indexes the groups (shares its memory)."""
+        return self.view(self.weight)
+
+    def view(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (the parameter, its gradient, a saved copy) in this member's view."""
+        return tensor if self.shape is None else tensor.view(self.shape)
 
 
 class Factorization:
@@ -78,6 +92,12 @@ class Factorization:
         fixed_lam: Optional[float] = None,
     ) -> None:
         self.members = tuple(members)
+        counts = {None if m.dim is None else m.tensor.shape[m.dim] for m in self.members}
+        if len(counts) != 1 or (None in counts and len(self.members) > 1):
+            raise ValueError(
+                f"The tensors of one penalty term must have the same groups: {[m.name for m in self.members]} have"
+                f" {sorted(counts, key=str)} groups."
+            )
         self.name = name or self.members[0].name
         self.lam = float(lam)
         self.threshold = float(threshold)
@@ -92,6 +112,7 @@ class Factorization:
         self.kept: Optional[Tensor] = None
         #: Each member's Euclidean norm when the term started (on the weights' device).
         self.start_norms: Optional[Tensor] = None
+        self._trained = False
         self._buffers: Optional[tuple[Tensor, Optional[Tensor]]] = None
         self._norms: Optional[tuple[tuple[int, ...], Tensor]] = None
         self._product: Optional[Tensor] = None
@@ -101,7 +122,13 @@ class Factorization:
 
     @property
     def weights(self) -> list[nn.Parameter]:
+        """The parameters, as the model and the optimizer hold them."""
         return [m.weight for m in self.members]
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        """The parameters in their members' views, where each ``dim`` indexes the groups."""
+        return [m.tensor for m in self.members]
 
     @property
     def dims(self) -> list[Optional[int]]:
@@ -118,8 +145,9 @@ class Factorization:
 
     @property
     def started(self) -> bool:
-        """Whether the term has trained: a weight that never trained (frozen, in no optimizer) is never factorised."""
-        return self.u is not None or self.kept is not None
+        """Whether the term has trained: a weight that never trains (frozen, in no optimizer) is never factorised,
+        penalised or counted."""
+        return self._trained
 
     @property
     def frozen(self) -> bool:
@@ -133,7 +161,7 @@ class Factorization:
     @property
     def size(self) -> int:
         """The number of groups (elementwise: entries)."""
-        first = self.weights[0]
+        first = self.tensors[0]
         return first.numel() if not self.grouped else first.shape[self.dims[0]]  # type: ignore[index]
 
     @torch.no_grad()
@@ -143,13 +171,16 @@ class Factorization:
         Group norms are cached until a weight changes (tracked by the tensors' version counters): after every step
         they are needed for the threshold, the path and the target, and each computation is a pass over the weights.
         """
-        weights = self.weights
+        tensors = self.tensors
         if not self.grouped:
-            return weights[0].detach().abs()
-        versions = tuple(w._version for w in weights)
+            return tensors[0].detach().abs()
+        versions = self._versions()
         if self._norms is None or self._norms[0] != versions:
-            self._norms = (versions, joint_group_norms([w.detach() for w in weights], self.dims))
+            self._norms = (versions, joint_group_norms([t.detach() for t in tensors], self.dims))
         return self._norms[1]
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(w._version for w in self.weights)
 
     @torch.no_grad()
     def start(self, factors: Optional[tuple[Sequence[Tensor], Tensor]] = None, scale: Optional[float] = None) -> None:
@@ -163,17 +194,18 @@ class Factorization:
         can never change sign, which converges to wrong minima.
         """
         first = self.weights[0]
+        self._trained = True
         self.start_norms = torch.stack([w.detach().norm() for w in self.weights])
         if factors is not None:
             us, v = factors
-            self.u = [u.detach().to(w.device, w.dtype).clone() for u, w in zip(us, self.weights)]
+            self.u = [u.detach().to(t.device, t.dtype).clone() for u, t in zip(us, self.tensors)]
             self.v = v.detach().to(first.device, first.dtype).clone()
             return
         norms = self.norms()
         if scale is None:
             scale = float(norms.mean().sqrt()) if norms.numel() else 1.0
         scale = scale if scale > 0 else 1.0
-        self.u = [w.detach() / scale for w in self.weights]
+        self.u = [t.detach() / scale for t in self.tensors]
         self.v = torch.full_like(norms, scale)
 
     def accumulate_gradients(self) -> None:
@@ -189,7 +221,7 @@ class Factorization:
             scratch = torch.empty(largest, dtype=self.v.dtype, device=self.v.device) if largest else None
             self._buffers = (torch.empty_like(self.v), scratch)
         grad_v, scratch = self._buffers
-        grads = [w.grad for w in weights]
+        grads = [None if w.grad is None else m.view(w.grad) for m, w in zip(self.members, weights)]
         with torch.no_grad():
             grad_us, grad_v = factor_gradients(grads, self.u, self.v, self.dims, self.lam, out=(grads, grad_v, scratch))
         for u, grad, w in zip(self.u, grad_us, weights):
@@ -207,7 +239,7 @@ class Factorization:
             if self._product is None or self._product.device != self.v.device:
                 self._product = torch.empty_like(self.v)
             torch.mul(self.u[0], self.v, out=self._product)
-            torch.ops.aten.hardshrink.out(self._product, threshold, out=self.weights[0])
+            torch.ops.aten.hardshrink.out(self._product, threshold, out=self.tensors[0])
             return
         v, norms = self.v, None
         if self.grouped and threshold > 0:
@@ -216,10 +248,10 @@ class Factorization:
             norms = self.factor_norms()
             kept = norms.le(threshold).logical_not_()  # not `>`: a NaN group stays NaN, it is not zeroed
             v, norms = v * kept, norms.mul_(kept)
-        for u, w, dim in zip(self.u, self.weights, self.dims):
-            torch.mul(u, v.reshape(scale_shape(u.shape, dim)), out=w)
+        for u, t, dim in zip(self.u, self.tensors, self.dims):
+            torch.mul(u, v.reshape(scale_shape(u.shape, dim)), out=t)
         if norms is not None:
-            self._norms = (tuple(w._version for w in self.weights), norms)
+            self._norms = (self._versions(), norms)
 
     @torch.no_grad()
     def zero_small(self) -> None:
@@ -228,10 +260,24 @@ class Factorization:
             return
         norms = self.norms()
         small = norms <= self.threshold
-        for w, dim in zip(self.weights, self.dims):
-            w.masked_fill_(small.reshape(scale_shape(w.shape, dim)), 0.0)
+        for t, dim in zip(self.tensors, self.dims):
+            t.masked_fill_(small.reshape(scale_shape(t.shape, dim)), 0.0)
         if self.grouped:
-            self._norms = (tuple(w._version for w in self.weights), norms.masked_fill(small, 0.0))
+            self._norms = (self._versions(), norms.masked_fill(small, 0.0))
+
+    @torch.no_grad()
+    def zero_small_in(self, state: dict[str, Tensor]) -> None:
+        """The same for the term's tensors in ``state`` (a checkpoint's ``state_dict``, under every alias), by their
+        joint norms; the tensors are replaced by thresholded copies (a ``state_dict`` shares the model's memory)."""
+        if self.threshold <= 0 or self.frozen or any(m.name not in state for m in self.members):
+            return
+        tensors = [m.view(state[m.name]) for m in self.members]
+        small = joint_group_norms(tensors, self.dims) <= self.threshold
+        for m, t, dim in zip(self.members, tensors, self.dims):
+            kept = t.masked_fill(small.reshape(scale_shape(t.shape, dim)), 0.0).view_as(state[m.name])
+            for name in m.aliases or (m.name,):
+                if name in state:
+                    state[name] = kept
 
     @torch.no_grad()
     def factor_norms(self) -> Tensor:
@@ -252,8 +298,8 @@ class Factorization:
             dead: a mask over the groups (shaped like :meth:`norms`); default: the groups that are zero now.
         """
         dead = self.norms() == 0 if dead is None else dead
-        for w, dim in zip(self.weights, self.dims):
-            w.masked_fill_(dead.reshape(scale_shape(w.shape, dim)), 0.0)
+        for t, dim in zip(self.tensors, self.dims):
+            t.masked_fill_(dead.reshape(scale_shape(t.shape, dim)), 0.0)
         if self.u is None or self.v is None:
             return
         views = [scale_shape(u.shape, dim) for u, dim in zip(self.u, self.dims)] + [self.v.shape]
@@ -276,16 +322,18 @@ class Factorization:
     def mask_gradients(self) -> None:
         """Zero the gradients of the masked groups of a frozen term: the optimizer then leaves them at zero."""
         assert self.kept is not None
-        for w, dim in zip(self.weights, self.dims):
-            if w.grad is not None:
-                w.grad.mul_(self.kept.reshape(scale_shape(w.shape, dim)))
+        self._trained = True  # (a term frozen before it ever trained trains from here, within its mask)
+        for m, dim in zip(self.members, self.dims):
+            grad = m.weight.grad
+            if grad is not None:
+                m.view(grad).mul_(self.kept.reshape(scale_shape(m.tensor.shape, dim)))
 
     @torch.no_grad()
     def mask_weights(self) -> None:
         """Set the masked groups of a frozen term to zero (after a step: decoupled weight decay, momentum)."""
         assert self.kept is not None
-        for w, dim in zip(self.weights, self.dims):
-            w.mul_(self.kept.reshape(scale_shape(w.shape, dim)))
+        for t, dim in zip(self.tensors, self.dims):
+            t.mul_(self.kept.reshape(scale_shape(t.shape, dim)))
 
     def balance(self) -> Tensor:
         """See :func:`~lightning_spred.functional.balance`; ``1.0`` before the factors exist (or once frozen)."""
@@ -309,6 +357,7 @@ class Factorization:
         """Resume from :meth:`state_dict` (called at the term's first step)."""
         if "kept" in state:
             self.kept = state["kept"].to(self.weights[0].device)
+            self._trained = True
             return
         self.start((state["u"], state["v"]))
         self.optimizer_state = state.get("optimizer")

@@ -15,6 +15,7 @@ A penalised group of tensors ``w_1, ..., w_n`` is factorised as ``w_i = u_i * v`
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "balance",
     "count_zeros",
     "factor_gradients",
+    "forecast_exits",
     "group_norms",
     "joint_group_norms",
     "penalty",
@@ -217,3 +219,20 @@ def balance(us: Sequence[Tensor], v: Tensor, dims: Sequence[Optional[int]]) -> T
     total = (a + b).sum()
     # no `if total == 0`: a tensor's truth value waits for the device
     return torch.where(total > 0, (2 * (a * b).sqrt()).sum() / total.clamp_min(1e-30), torch.ones_like(total))
+
+
+def forecast_exits(previous: Optional[Tensor], now: Tensor, every: int, horizon: int, threshold: float) -> Tensor:
+    """How many of the nonzero magnitudes ``now`` reach ``threshold`` within ``horizon`` steps at their rate of change
+    since ``previous`` (the same magnitudes ``every`` steps earlier): a switched-off weight decays exponentially, so a
+    count of zeros lags ``lam`` and a forecast of exits leads it. Without ``previous``: those at the threshold now.
+
+    Example:
+        >>> forecast_exits(torch.tensor([1.0, 1.0]), torch.tensor([0.5, 1.0]), every=1, horizon=3, threshold=0.1)
+        tensor(1)
+    """
+    alive = now != 0
+    if previous is None or previous.shape != now.shape:
+        return (alive & (now <= threshold)).sum()
+    log_now = now.clamp_min(1e-30).log()
+    rate = (log_now - previous.clamp_min(1e-30).log()) / every
+    return (alive & (log_now + rate.clamp_max(0) * horizon <= math.log(max(threshold, 1e-30)))).sum()

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_spred.factorization import Factorization
 from lightning_spred.functional import joint_group_norms
 
-__all__ = ["lam_max", "lam_max_of_batch", "side_effect_free"]
+__all__ = ["lam_max", "lam_max_of_batch", "side_effect_free", "term_lam_max"]
 
 
 def lam_max(
@@ -47,6 +47,23 @@ def lam_max(
         >>> lam_max(lambda: ((x @ w - y) ** 2).mean(), [w])  # |2/n X^T y|_max
         4.0
     """
+    grads = _gradients(loss_fn, weights, reduce, at_zero)
+    return float(joint_group_norms(grads, [dim] * len(grads)).max())
+
+
+def term_lam_max(
+    loss_fn: Callable[[], Tensor], term: Factorization, reduce: Callable[[Tensor], Tensor], at_zero: bool
+) -> float:
+    """:func:`lam_max` of a penalty term, whose tensors may group along different dimensions of their own views (an
+    attention's heads: rows of q, k and v, columns of the output projection)."""
+    grads = _gradients(loss_fn, term.weights, reduce, at_zero)
+    return float(joint_group_norms([m.view(g) for m, g in zip(term.members, grads)], term.dims).max())
+
+
+def _gradients(
+    loss_fn: Callable[[], Tensor], weights: Sequence[Tensor], reduce: Callable[[Tensor], Tensor], at_zero: bool
+) -> list[Tensor]:
+    """The loss gradients of ``weights`` (at zero, or as they are), which are left as they were."""
     saved = [w.detach().clone() for w in weights]
     try:
         if at_zero:
@@ -59,8 +76,7 @@ def lam_max(
         with torch.no_grad():
             for w, value in zip(weights, saved):
                 w.copy_(value)
-    grads = [reduce(torch.zeros_like(w) if g is None else g) for w, g in zip(weights, grads)]
-    return float(joint_group_norms(grads, [dim] * len(grads)).max())
+    return [reduce(torch.zeros_like(w) if g is None else g) for w, g in zip(weights, grads)]
 
 
 @contextlib.contextmanager
@@ -125,10 +141,10 @@ def lam_max_of_batch(
         with torch.no_grad():
             loss()  # which terms a normalisation absorbs is known once a forward pass has been traced
         current = absorbed()
-        value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean, at_zero=f.name not in current) for f in terms)
+        value = max(term_lam_max(loss, f, mean, at_zero=f.name not in current) for f in terms)
         vanished = value == 0
         if vanished:
-            value = max(lam_max(loss, f.weights, f.dims[0], reduce=mean, at_zero=False) for f in terms)
+            value = max(term_lam_max(loss, f, mean, at_zero=False) for f in terms)
     if vanished:
         rank_zero_info(
             "SpredCallback: the penalised weights get no gradient at zero (their output goes through a ReLU"

@@ -143,7 +143,7 @@ class FactorStepper:
         if not any(w.grad is not None for f, _ in located for w in f.weights):
             return
         for f, _ in located:
-            if not f.started:
+            if not f.started and not f.frozen:
                 self.saved.start(f, self.start_scale)
         self._frozen = [f for f, _ in located if f.frozen]
         for f in self._frozen:
@@ -151,7 +151,7 @@ class FactorStepper:
         located = [(f, places) for f, places in located if not f.frozen]
         sizes = [_step_size(self._group_of(places[0][0])) for f, places in located if f.scheduled]
         step_size = max((s for s in sizes if s is not None), default=None)
-        self.terms.apply(self.steering.lam_value(self.clock.global_step, self.clock.current_epoch, step_size))
+        self.terms.apply(self.steering.start_step(self.clock.global_step, self.clock.current_epoch, step_size))
         state = self.optimizer.state
         for f, places in located:
             f.accumulate_gradients()

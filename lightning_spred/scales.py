@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_spred.diagnostics import ForwardTrace, following_norms
 from lightning_spred.factorization import Factorization
+from lightning_spred.trace import ForwardTrace, following_norms
 
 __all__ = ["AbsorbedScale", "find_absorbed", "restore_norms"]
 

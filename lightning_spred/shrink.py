@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_spred.channels import following_norm
+from lightning_spred.channels import norm_registered_after
 
 __all__ = ["ShrinkResult", "shrink"]
 
@@ -124,7 +124,7 @@ def _call(model: nn.Module, inputs: Union[Tensor, tuple]) -> Tensor:
 def _constant_units(model: nn.Module, name: str, layer: nn.Module) -> list[int]:
     """Units of ``layer`` whose output is a constant: a zero weight row, or a zero scale of the BatchNorm after it."""
     constant = layer.weight.flatten(1).abs().sum(dim=1) == 0
-    norm = following_norm(model, name) if "." in name or name else None
+    norm = norm_registered_after(model, name) if "." in name or name else None
     if norm is not None and norm[1].affine:
         constant |= norm[1].weight == 0
     return constant.nonzero().flatten().tolist()
@@ -189,7 +189,7 @@ def _absorber(model: nn.Module, name: str, consumer: nn.Module) -> Optional[Tens
         return None
     if consumer.bias is not None:
         return consumer.bias
-    norm = following_norm(model, name)
+    norm = norm_registered_after(model, name)
     if norm is not None and norm[1].running_mean is not None:
         return _Negated(norm[1].running_mean)
     return None

@@ -173,7 +173,7 @@ def test_numbers_of_any_kind_and_one_module_type_are_accepted():
     for lam in (np.array(1e-4), np.float32(1e-4), np.array([1e-4])):
         assert SpredCallback(lam).lam == pytest.approx(1e-4)
     assert SpredCallback(torch.tensor(1e-4)).lam == pytest.approx(1e-4)
-    assert SpredCallback(0.1, modules=nn.Linear).modules == (nn.Linear,)
+    assert SpredCallback(0.1, modules=nn.Linear).selection.modules == (nn.Linear,)
 
 
 class NoLinear(LightningModule):
@@ -232,6 +232,35 @@ def test_lbfgs_is_refused():
     model = MLP(optimizer=lambda p: torch.optim.LBFGS(p))
     with pytest.raises(ValueError, match="LBFGS re-evaluates"):
         quiet_trainer(max_steps=1, callbacks=[SpredCallback(0.1)]).fit(model, classification_data())
+
+
+class TwoOptimizers(MLP):
+    """The first layer and the LayerNorm after it in two different optimizers (manual optimization)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self):
+        first = [p for n, p in self.named_parameters() if n.startswith("net.0.")]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("net.0.")]
+        return torch.optim.SGD(first, lr=0.1), torch.optim.SGD(rest, lr=0.1)
+
+
+def test_a_group_split_over_two_optimizers_is_refused_with_its_tensors_named():
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    model = TwoOptimizers()
+    model.net = net
+    spred = SpredCallback(0.1, groups={"net.0.weight": "channel"}, verbose=False)
+    with pytest.raises(ValueError, match=r"`net.0.weight` \(net.0.weight, net.0.bias, net.1.weight, net.1.bias\) share"):
+        quiet_trainer(max_steps=1, callbacks=[spred]).fit(model, classification_data())
 
 
 def test_sharded_strategies_are_refused():

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_spred import SpredCallback, shrink
-from lightning_spred.channels import following_norm
+from lightning_spred.channels import norm_registered_after
 
 
 def images(n=64, size=8, classes=3, seed=0):
@@ -50,8 +50,8 @@ def conv_bn_net():
 
 def test_a_channel_group_holds_the_filter_its_bias_and_its_batchnorm():
     net = conv_bn_net()
-    assert following_norm(net, "0") == ("1", net[1])
-    assert following_norm(net, "8") is None
+    assert norm_registered_after(net, "0") == ("1", net[1])
+    assert norm_registered_after(net, "8") is None
     spred = SpredCallback(0.1, groups={"net.0.weight": "channel", "net.3.weight": "channel"}, verbose=False)
     quiet_trainer(max_steps=1, callbacks=[spred]).fit(Classifier(net), images())
     assert [[m.name for m in f.members] for f in spred.factorizations] == [

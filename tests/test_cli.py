@@ -19,7 +19,8 @@ def test_a_bad_group_kind_is_refused_when_the_command_line_is_parsed():
     groups = '--trainer.callbacks.groups={"net.0.weight": "columns"}'
     result = cli("--trainer.callbacks.lam=0.1", groups, "--print_config")
     assert result.returncode != 0
-    assert "Literal['input', 'output', 'channel']" in result.stderr and "Given value: columns" in result.stderr
+    assert "Literal['input', 'output', 'channel', 'head', 'neuron', 'rank']" in result.stderr
+    assert "Given value: columns" in result.stderr
     assert "Traceback" not in result.stderr  # a parser error, not an exception from inside the callback
 
 
@@ -33,4 +34,4 @@ def test_the_callback_trains_from_the_command_line(tmp_path):
         '--trainer.callbacks.groups={"net.0.weight": "input"}',
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "penalty on 1 parameters" in result.stdout + result.stderr
+    assert "penalty on 1 term (128 weights): net.0.weight" in result.stdout + result.stderr

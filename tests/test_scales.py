@@ -9,9 +9,9 @@ from lightning.pytorch import Callback, seed_everything
 from torch import nn
 
 from lightning_spred import SpredCallback
-from lightning_spred.diagnostics import ForwardTrace
 from lightning_spred.factorization import Factorization, Member
 from lightning_spred.scales import find_absorbed, restore_norms
+from lightning_spred.trace import ForwardTrace
 
 
 class Body(nn.Module):

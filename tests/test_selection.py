@@ -62,9 +62,12 @@ def test_groups_resolve_named_dims_and_choose_what_they_name():
     assert paths(only_named) == ["head.weight"]
 
 
-@pytest.mark.parametrize("spec", [3, "columns", 1.5])
-def test_bad_group_dim_is_explained(spec):
-    with pytest.raises(ValueError, match="does not fit `head.weight`.*'channel'") as error:
+@pytest.mark.parametrize(
+    ("spec", "where"),
+    [(3, "does not fit `head.weight`"), ("columns", r"`groups\['head.weight'\]` is 'columns'"), (1.5, "is 1.5")],
+)
+def test_bad_group_dim_is_explained(spec, where):
+    with pytest.raises(ValueError, match=f"{where}.*'channel'") as error:
         select_parameters(Net(), groups={"head.weight": spec})
     assert "'input'" in str(error.value) and "'output'" in str(error.value)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_spred import GeometricRamp, Phase, SpredCallback, lam_max
 from lightning_spred.path import PathPoint, RegularizationPath
-from lightning_spred.steering import Steering
+from lightning_spred.targets import TargetController
 
 EPOCHS = 30  # 22 steps an epoch on digits
 
@@ -164,7 +164,7 @@ def test_resume_is_exact_in_every_phase(phase, step, tmp_path):
     again = fit(resumed, ckpt_path=tmp_path / "interrupted" / "last.ckpt", name="resumed")
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
-    assert again.steering.state_dict()["controlled_lam"] == uninterrupted.steering.state_dict()["controlled_lam"]
+    assert again.steering.current_lam == uninterrupted.steering.current_lam
     if phase == "at_limit":
         assert uninterrupted.steering.at_limit
 
@@ -224,9 +224,9 @@ def test_non_finite_weights_never_count_as_reaching_the_target():
 def test_a_target_under_gradient_accumulation_checks_once_per_optimizer_step(monkeypatch):
     # several batches end at one optimizer step: the controller must count the step once, as without accumulation
     checks = []
-    original = Steering._check
+    original = TargetController.check
     monkeypatch.setattr(
-        Steering, "_check", lambda self, step, terms: (checks.append(step), original(self, step, terms))
+        TargetController, "check", lambda self, step, *args: (checks.append(step), original(self, step, *args))[1]
     )
 
     def fit(batch_size, accumulate):
