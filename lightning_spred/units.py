@@ -35,6 +35,9 @@ class Slice:
         path: the module's name in the model.
         dim: the dimension of :attr:`shape` that indexes the units.
         shape: the view of the tensor in which :attr:`dim` indexes the units (``None``: the tensor's own shape).
+        role: what the tensor does in the unit: ``"q"``, ``"k"``, ``"v"``, ``"qkv"`` (q, k and v stacked along the
+            dimension before :attr:`dim`), ``"gate"`` (a gate on a head's output), ``"o"`` (the output projection);
+            ``"up"``, ``"down"``; ``"a"``, ``"b"`` (LoRA).
     """
 
     module: nn.Module
@@ -42,6 +45,7 @@ class Slice:
     path: str
     dim: int
     shape: Optional[tuple[int, ...]] = None
+    role: str = ""
 
     @property
     def name(self) -> str:
@@ -55,6 +59,7 @@ class Units:
     Attributes:
         kind: ``"head"``, ``"neuron"`` or ``"rank"``.
         name: the module's name (with the adapter's for ranks): the name of the penalty term.
+        module: the module (the attention, the feed-forward block, the LoRA layer).
         count: how many units.
         slices: each tensor's part.
         per_unit: query heads per unit (grouped-query attention), else 1.
@@ -62,6 +67,7 @@ class Units:
 
     kind: str
     name: str
+    module: nn.Module
     count: int
     slices: tuple[Slice, ...]
     per_unit: int = 1
@@ -131,19 +137,19 @@ def _torch_attention(module: nn.MultiheadAttention, path: str) -> Units:
     heads, size, embed = module.num_heads, module.head_dim, module.embed_dim
     slices = []
     if module._qkv_same_embed_dim:
-        slices.append(Slice(module, "in_proj_weight", path, 1, (3, heads, size, embed)))
+        slices.append(Slice(module, "in_proj_weight", path, 1, (3, heads, size, embed), "qkv"))
     else:
-        for attr in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        for attr, role in (("q_proj_weight", "q"), ("k_proj_weight", "k"), ("v_proj_weight", "v")):
             width = module._parameters[attr].shape[1]  # type: ignore[union-attr]
-            slices.append(Slice(module, attr, path, 0, (heads, size, width)))
+            slices.append(Slice(module, attr, path, 0, (heads, size, width), role))
     if module.in_proj_bias is not None:
-        slices.append(Slice(module, "in_proj_bias", path, 1, (3, heads, size)))
-    for attr in ("bias_k", "bias_v"):
+        slices.append(Slice(module, "in_proj_bias", path, 1, (3, heads, size), "qkv"))
+    for attr, role in (("bias_k", "k"), ("bias_v", "v")):
         if getattr(module, attr, None) is not None:
-            slices.append(Slice(module, attr, path, 2, (1, 1, heads, size)))
+            slices.append(Slice(module, attr, path, 2, (1, 1, heads, size), role))
     out = module.out_proj
-    slices.append(Slice(out, "weight", _join(path, "out_proj"), 1, (out.out_features, heads, size)))
-    return Units("head", path, heads, tuple(slices))
+    slices.append(Slice(out, "weight", _join(path, "out_proj"), 1, (out.out_features, heads, size), "o"))
+    return Units("head", path, module, heads, tuple(slices))
 
 
 def _fused_heads(module: nn.Module, path: str, qkv_name: str, out_name: str, dim: int) -> Units:
@@ -159,16 +165,16 @@ def _fused_heads(module: nn.Module, path: str, qkv_name: str, out_name: str, dim
         raise ValueError(f"`{path}.{qkv_name}` has {width} outputs, not 3 x {heads} heads x {size}: not fused q, k, v.")
     view = list(weight.shape)
     view[dim : dim + 1] = [3, heads, size]
-    slices = [Slice(qkv, "weight", _join(path, qkv_name), dim + 1, tuple(view))]
+    slices = [Slice(qkv, "weight", _join(path, qkv_name), dim + 1, tuple(view), "qkv")]
     if getattr(qkv, "bias", None) is not None:
-        slices.append(Slice(qkv, "bias", _join(path, qkv_name), 1, (3, heads, size)))
+        slices.append(Slice(qkv, "bias", _join(path, qkv_name), 1, (3, heads, size), "qkv"))
     gate = _child(module, "gate")
     if isinstance(gate, nn.Linear):  # timm's gated attention: one sigmoid gate per output of a head
-        slices.append(Slice(gate, "weight", _join(path, "gate"), 0, (heads, size, gate.in_features)))
+        slices.append(Slice(gate, "weight", _join(path, "gate"), 0, (heads, size, gate.in_features), "gate"))
         if gate.bias is not None:
-            slices.append(Slice(gate, "bias", _join(path, "gate"), 0, (heads, size)))
+            slices.append(Slice(gate, "bias", _join(path, "gate"), 0, (heads, size), "gate"))
     slices.append(_input_slice(out, _join(path, out_name), heads, size))
-    return Units("head", path, heads, tuple(slices))
+    return Units("head", path, module, heads, tuple(slices))
 
 
 def _separate_heads(module: nn.Module, path: str, names: tuple[str, ...], layers: list[nn.Linear]) -> Units:
@@ -184,15 +190,15 @@ def _separate_heads(module: nn.Module, path: str, names: tuple[str, ...], layers
             f"`{path}`: {q.out_features} query and {k.out_features} key outputs do not divide into heads of {size}."
         )
     per_unit = heads // kv_heads  # query heads that read one key-value head
-    slices = [Slice(q, "weight", _join(path, names[0]), 0, (kv_heads, per_unit * size, q.in_features))]
+    slices = [Slice(q, "weight", _join(path, names[0]), 0, (kv_heads, per_unit * size, q.in_features), "q")]
     if q.bias is not None:
-        slices.append(Slice(q, "bias", _join(path, names[0]), 0, (kv_heads, per_unit * size)))
-    for layer, name in ((k, names[1]), (v, names[2])):
-        slices.append(Slice(layer, "weight", _join(path, name), 0, (kv_heads, size, layer.in_features)))
+        slices.append(Slice(q, "bias", _join(path, names[0]), 0, (kv_heads, per_unit * size), "q"))
+    for layer, name, role in ((k, names[1], "k"), (v, names[2], "v")):
+        slices.append(Slice(layer, "weight", _join(path, name), 0, (kv_heads, size, layer.in_features), role))
         if layer.bias is not None:
-            slices.append(Slice(layer, "bias", _join(path, name), 0, (kv_heads, size)))
+            slices.append(Slice(layer, "bias", _join(path, name), 0, (kv_heads, size), role))
     slices.append(_input_slice(out, _join(path, names[3]), kv_heads, per_unit * size))
-    return Units("head", path, kv_heads, tuple(slices), per_unit)
+    return Units("head", path, module, kv_heads, tuple(slices), per_unit)
 
 
 def _neurons(module: nn.Module, path: str) -> list[Units]:
@@ -207,15 +213,15 @@ def _neurons(module: nn.Module, path: str) -> list[Units]:
         for up, name in zip(ups, up_names):
             dim = _output_dim(up, _join(path, name))
             widths.add(up.weight.shape[dim])
-            slices.append(Slice(up, "weight", _join(path, name), dim))
+            slices.append(Slice(up, "weight", _join(path, name), dim, role="up"))
             if getattr(up, "bias", None) is not None:
-                slices.append(Slice(up, "bias", _join(path, name), 0))
+                slices.append(Slice(up, "bias", _join(path, name), 0, role="up"))
         dim = layout_of(down, "weight").input  # type: ignore[union-attr]
         widths.add(down.weight.shape[dim])
         if len(widths) != 1 or dim is None:
             raise ValueError(f"`{path}`: the up and down projections' hidden sizes differ ({sorted(widths)}).")
-        slices.append(Slice(down, "weight", _join(path, down_name), dim))
-        return [Units("neuron", path, widths.pop(), tuple(slices))]
+        slices.append(Slice(down, "weight", _join(path, down_name), dim, role="down"))
+        return [Units("neuron", path, module, widths.pop(), tuple(slices))]
     return []
 
 
@@ -231,8 +237,9 @@ def _ranks(module: nn.Module, path: str) -> list[Units]:
         dim_a, dim_b = _output_dim(a, a_path), layout_of(b, "weight")
         if dim_b is None or dim_b.input is None or a.weight.shape[dim_a] != b.weight.shape[dim_b.input]:
             raise ValueError(f"`{path}`: adapter {adapter!r} has no matching rank dimension in lora_A and lora_B.")
-        slices = (Slice(a, "weight", a_path, dim_a), Slice(b, "weight", b_path, dim_b.input))
-        found.append(Units("rank", f"{path}[{adapter}]" if path else f"[{adapter}]", a.weight.shape[dim_a], slices))
+        slices = (Slice(a, "weight", a_path, dim_a, role="a"), Slice(b, "weight", b_path, dim_b.input, role="b"))
+        name = f"{path}[{adapter}]" if path else f"[{adapter}]"
+        found.append(Units("rank", name, module, a.weight.shape[dim_a], slices))
     return found
 
 
@@ -246,7 +253,7 @@ def _input_slice(layer: nn.Module, path: str, units: int, size: int) -> Slice:
         raise ValueError(f"`{path}` is not a projection whose input features are known.")
     view = list(layer.weight.shape)
     view[layout.input : layout.input + 1] = [units, size]
-    return Slice(layer, "weight", path, layout.input, tuple(view))
+    return Slice(layer, "weight", path, layout.input, tuple(view), "o")
 
 
 def _output_dim(layer: nn.Module, path: str) -> int:

@@ -259,7 +259,9 @@ def test_a_group_split_over_two_optimizers_is_refused_with_its_tensors_named():
     model = TwoOptimizers()
     model.net = net
     spred = SpredCallback(0.1, groups={"net.0.weight": "channel"}, verbose=False)
-    with pytest.raises(ValueError, match=r"`net.0.weight` \(net.0.weight, net.0.bias, net.1.weight, net.1.bias\) share"):
+    with pytest.raises(
+        ValueError, match=r"`net.0.weight` \(net.0.weight, net.0.bias, net.1.weight, net.1.bias\) share"
+    ):
         quiet_trainer(max_steps=1, callbacks=[spred]).fit(model, classification_data())
 
 
