@@ -72,6 +72,8 @@ class Factorization:
         threshold: entries (or groups) with magnitude ``<= threshold`` are exact zeros in the model.
         name: the name under which the term is logged and saved (default: the first member's name).
         fixed_lam: the term's own coefficient (``lam_overrides``): it does not follow schedules or targets.
+        kind: the kind of its groups (``"input"``, ``"head"``, ``"rank"``, ...), ``None`` for elementwise L1 or a
+            dimension index.
 
     Example:
         >>> layer = nn.Linear(3, 2)
@@ -90,6 +92,7 @@ class Factorization:
         threshold: float,
         name: Optional[str] = None,
         fixed_lam: Optional[float] = None,
+        kind: Optional[str] = None,
     ) -> None:
         self.members = tuple(members)
         counts = {None if m.dim is None else m.tensor.shape[m.dim] for m in self.members}
@@ -102,6 +105,7 @@ class Factorization:
         self.lam = float(lam)
         self.threshold = float(threshold)
         self.fixed_lam = fixed_lam
+        self.kind = kind
         #: Whether :meth:`refresh` zeroes small entries after every step (targets zero them at their checks).
         self.zero_every_step = True
         self.u: Optional[list[Tensor]] = None

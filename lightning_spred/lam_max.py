@@ -141,7 +141,9 @@ def lam_max_of_batch(
         with torch.no_grad():
             loss()  # which terms a normalisation absorbs is known once a forward pass has been traced
         current = absorbed()
-        value = max(term_lam_max(loss, f, mean, at_zero=f.name not in current) for f in terms)
+        # a LoRA rank is bilinear (the loss sees lora_B @ lora_A): zero is stationary for any lam, so its scale is taken
+        # at the weights as they are, as for the terms a normalisation absorbs
+        value = max(term_lam_max(loss, f, mean, at_zero=f.name not in current and f.kind != "rank") for f in terms)
         vanished = value == 0
         if vanished:
             value = max(term_lam_max(loss, f, mean, at_zero=False) for f in terms)

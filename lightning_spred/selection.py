@@ -54,6 +54,7 @@ class PenalisedParameter:
         term: the penalty term it belongs to: parameters of one term share one factor per group (a channel: filter,
             bias and BatchNorm; an attention's heads). ``None``: a term of its own, named after it.
         aliases: every name of the parameter (``name`` first).
+        kind: the kind of its groups (``"input"``, ``"head"``, ...; ``None``: elementwise or a dimension index).
     """
 
     name: str
@@ -64,6 +65,7 @@ class PenalisedParameter:
     shape: Optional[tuple[int, ...]] = None
     term: Optional[str] = None
     aliases: tuple[str, ...] = ()
+    kind: Optional[str] = None
 
     @property
     def parameter(self) -> nn.Parameter:
@@ -253,7 +255,8 @@ class Selection:
             _check_can_factorise(module, param, name)
             _take(taken, param, term or name, owners)
             names = tuple(o.name for o in owners[id(param)])
-            chosen.append(PenalisedParameter(names[0], module, attr, lam, dim, None, term, names))
+            kind = spec if isinstance(spec, str) else None
+            chosen.append(PenalisedParameter(names[0], module, attr, lam, dim, None, term, names, kind))
         return chosen
 
     def _units(self, model: nn.Module, matcher: _Matcher) -> list[Units]:
@@ -278,7 +281,9 @@ class Selection:
             _check_can_factorise(part.module, param, names[0])
             _take(taken, param, units.name, owners)
             chosen.append(
-                PenalisedParameter(names[0], part.module, part.attr, lam, part.dim, part.shape, units.name, names)
+                PenalisedParameter(
+                    names[0], part.module, part.attr, lam, part.dim, part.shape, units.name, names, units.kind
+                )
             )
         return chosen
 

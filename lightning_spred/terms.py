@@ -40,7 +40,7 @@ class PenaltyTerms(Sequence[Factorization]):
         for name, parts in by_term.items():
             members = [Member(p.module, p.attr, p.name, p.dim, p.shape, p.aliases) for p in parts]
             lam = parts[0].lam
-            terms.append(Factorization(members, lam or 0.0, threshold, name=name, fixed_lam=lam))
+            terms.append(Factorization(members, lam or 0.0, threshold, name=name, fixed_lam=lam, kind=parts[0].kind))
         return cls(terms)
 
     def __getitem__(self, index: int) -> Factorization:  # type: ignore[override]
