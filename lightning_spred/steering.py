@@ -96,8 +96,10 @@ class Steering:
 
     @property
     def relative(self) -> bool:
-        """Whether ``lam`` scales with ``lam_max`` (a relative schedule, or a target without a starting ``lam``)."""
-        return (isinstance(self.lam, LamSchedule) and self.lam.relative) or (self.has_target and self.lam is None)
+        """Whether ``lam`` scales with ``lam_max`` (a relative schedule, or a target that steers ``lam`` without a
+        starting ``lam``)."""
+        steered = self.target is not None and self.target.steers_lam and self.lam is None
+        return (isinstance(self.lam, LamSchedule) and self.lam.relative) or steered
 
     @property
     def needs_lam_max(self) -> bool:
@@ -157,10 +159,12 @@ class Steering:
         """The ``lam`` asked for at this optimizer step, before any limit (no side effects)."""
         if self.phase is Phase.REFIT:
             return 0.0
-        if self.target is not None:
+        if self.target is not None and self.target.steers_lam:
             if self.target.state.lam is not None:
                 return self.target.state.lam
             return float(self.lam) if isinstance(self.lam, (int, float)) else START * self.lam_max  # type: ignore[operator]
+        if self.target is not None:  # led by magnitude: the lam given, none by default
+            return float(self.lam) if isinstance(self.lam, (int, float)) else 0.0
         if isinstance(self.lam, LamSchedule):
             return self.lam(step, epoch) * (self.lam_max if self.lam.relative else 1.0)  # type: ignore[operator]
         return float(self.lam)  # type: ignore[arg-type]
@@ -175,9 +179,10 @@ class Steering:
             step_size: ``lr / (1 - momentum)`` of the scheduled weights' SGD groups (``None`` for other optimizers).
         """
         value = self.lam_value(step, epoch)
-        if self.target is not None:
-            value = self.target.lam(value)
-        self.at_limit = bool((self.relative or self.has_target) and step_size and value * step_size > MAX_DECAY)
+        steered = self.target is not None and self.target.steers_lam
+        if steered:
+            value = self.target.lam(value)  # type: ignore[union-attr]
+        self.at_limit = bool((self.relative or steered) and step_size and value * step_size > MAX_DECAY)
         if self.at_limit:
             limit = MAX_DECAY / step_size  # type: ignore[operator]
             self._warn_once(
@@ -187,8 +192,8 @@ class Steering:
                 f" {step}: it is held at {limit:.4g}. Lower the learning rate for a larger `lam`.",
             )
             value = limit
-            if self.target is not None:
-                self.target.hold(limit)
+            if steered:
+                self.target.hold(limit)  # type: ignore[union-attr]
         self.current_lam = value
         return value
 

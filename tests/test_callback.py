@@ -350,10 +350,13 @@ def test_manual_optimization_with_a_target_is_refused_at_fit_start():
     model = ManualMLP()
     snapshot = plain_snapshot(model)
     with pytest.raises(ValueError, match="manual optimization cannot run without stepping: give `lam_max=`"):
-        quiet_trainer(max_steps=2, callbacks=[SpredCallback(target_sparsity=0.5)]).fit(model, classification_data())
+        spred = SpredCallback(target_sparsity=0.5, prune_by="path")  # the path scales lam with lam_max
+        quiet_trainer(max_steps=2, callbacks=[spred]).fit(model, classification_data())
     assert_same_model(model, snapshot)
-    # a starting lam is enough
-    quiet_trainer(max_steps=2, callbacks=[SpredCallback(1e-3, target_sparsity=0.5)]).fit(model, classification_data())
+    # a starting lam is enough, and a target led by magnitude needs no lam_max
+    spred = SpredCallback(1e-3, target_sparsity=0.5, prune_by="path")
+    quiet_trainer(max_steps=2, callbacks=[spred]).fit(model, classification_data())
+    quiet_trainer(max_steps=2, callbacks=[SpredCallback(target_sparsity=0.5)]).fit(model, classification_data())
 
 
 def test_an_override_of_compute_metrics_may_drop_any_value(tmp_path):

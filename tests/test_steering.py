@@ -146,7 +146,7 @@ class PhaseWatch(Callback):
 
 def test_a_sparsity_target_is_reached_held_and_the_refit_keeps_the_zeros():
     model = MLP(optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
-    spred = SpredCallback(target_sparsity=0.6, threshold=1e-3, refit_fraction=0.3, verbose=False)
+    spred = SpredCallback(target_sparsity=0.6, prune_by="path", threshold=1e-3, refit_fraction=0.3, verbose=False)
     watch = PhaseWatch(spred)
     quiet_trainer(max_epochs=40, callbacks=[spred, watch]).fit(model, classification_data())
     assert spred.steering.reached_step is not None and spred.steering.phase == "refit"

@@ -174,7 +174,7 @@ def test_lam_max_under_batchnorm_is_taken_at_the_current_weights():
     data, _ = digits_data(0)
     model = DigitsMLP(steps=60)
     model.net = DigitsConvBN()
-    spred = SpredCallback(target_sparsity=0.5, modules=nn.Conv2d, include=[], verbose=False)
+    spred = SpredCallback(target_sparsity=0.5, prune_by="path", modules=nn.Conv2d, include=[], verbose=False)
     quiet_trainer(max_steps=1, callbacks=[spred]).fit(model, data)
     batch = next(iter(data))
     seed_everything(0)

@@ -182,7 +182,7 @@ def test_lam_max_of_zero_initialised_lora_ranks_is_a_scale_not_zero():
 
     seed_everything(0)
     model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
-    spred = SpredCallback(groups={"*": "rank"}, target_groups=4, verbose=False, print_report=False)
+    spred = SpredCallback(groups={"*": "rank"}, target_groups=4, prune_by="path", verbose=False, print_report=False)
     quiet_trainer(max_steps=30, callbacks=[spred]).fit(LanguageModel(model), token_data())
     assert spred.steering.lam_max > 0  # lora_B = 0 at the start: the gradient at zero is zero for every lam
     assert sum(int((f.norms() != 0).sum()) for f in spred.factorizations) == 4  # ranks are what a target counts
